@@ -1,0 +1,184 @@
+"""Shared model parts: the ViT size grid, variant strings, encoder blocks, MAP head, posembs."""
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from big_vlp.config_errors import ConfigError, check_choice, fail
+
+# width / depth / mlp_dim / num_heads, as in the ViT, SigLIP and ViT-g papers.
+SIZES: dict[str, dict[str, int]] = {
+    "mu": dict(width=32, depth=1, mlp_dim=128, num_heads=2),
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "So400m": dict(width=1152, depth=27, mlp_dim=4304, num_heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+    "g": dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
+}
+
+SIZE_KEYS = ("width", "depth", "mlp_dim", "num_heads")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _variant_help() -> str:
+  return ("expected 'SIZE' or 'SIZE/PATCH' (e.g. 'B' or 'B/16'); allowed sizes: "
+          + ", ".join(SIZES))
+
+
+def decode_variant(variant: str | None, field: str = "model.image.variant") -> dict[str, Any]:
+  """Turns 'B/16' into width/depth/mlp_dim/num_heads (+ patch_size); None gives {}."""
+  if variant is None:
+    return {}
+  if not isinstance(variant, str):
+    fail(field, variant, "not a string; " + _variant_help())
+  size, sep, patch = variant.partition("/")
+  if size not in SIZES:
+    fail(field, variant, f"unknown size {size!r}; " + _variant_help())
+  out: dict[str, Any] = dict(SIZES[size])
+  if sep:
+    if not (patch.isascii() and patch.isdigit()) or int(patch) <= 0:
+      fail(field, variant, f"malformed patch size {patch!r}; " + _variant_help())
+    out["patch_size"] = (int(patch), int(patch))
+  return out
+
+
+def resolve_size(variant: str | None, overrides: Mapping[str, Any],
+                 prefix: str) -> dict[str, Any]:
+  """Merges a variant with explicit overrides (which win) and checks the result is usable."""
+  merged = decode_variant(variant, f"{prefix}.variant")
+  merged.update({k: v for k, v in overrides.items() if v is not None})
+  for key in SIZE_KEYS:
+    if key not in merged:
+      fail(f"{prefix}.{key}", None,
+           f"no value and no variant to take it from; set {prefix}.variant ("
+           + _variant_help() + f") or {prefix}.{key}")
+    value = merged[key]
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+      fail(f"{prefix}.{key}", value, "must be a positive integer")
+  if merged["width"] % merged["num_heads"]:
+    fail(f"{prefix}.num_heads", merged["num_heads"],
+         f"must divide {prefix}.width={merged['width']}")
+  return merged
+
+
+def resolve_dtype(name: str, field: str) -> Any:
+  """Maps a config dtype name to the jnp dtype used for computation."""
+  check_choice(field, name, DTYPES)
+  return DTYPES[name]
+
+
+def check_dropout(value: float, field: str) -> None:
+  """Dropout must be a rate in [0, 1)."""
+  if not 0.0 <= value < 1.0:
+    fail(field, value, "must be in [0, 1)")
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0,
+                     dtype: Any = jnp.float32) -> jnp.ndarray:
+  """Fixed 2-D sin-cos position embedding [1, h*w, width], row-major over the grid."""
+  if width % 4:
+    raise ConfigError(f"sincos2d position embedding needs a width divisible by 4, got {width}")
+  # Quarter of the channels each for sin(x), cos(x), sin(y), cos(y) (MoCo v3 / big_vision
+  # layout), frequencies geometric from 1 down to 1/temperature.
+  quarter = width // 4
+  omega = 1.0 / temperature ** (np.arange(quarter) / max(quarter - 1, 1))
+  ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  ang_x = xs.reshape(-1, 1) * omega[None]
+  ang_y = ys.reshape(-1, 1) * omega[None]
+  pe = np.concatenate([np.sin(ang_x), np.cos(ang_x), np.sin(ang_y), np.cos(ang_y)], axis=1)
+  return jnp.asarray(pe[None], dtype)
+
+
+class MlpBlock(nn.Module):
+  """Two-layer GELU MLP used inside every transformer block."""
+  mlp_dim: int
+  dtype: Any = jnp.float32
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+    """Applies Dense -> GELU -> Dropout -> Dense."""
+    width = x.shape[-1]
+    dense = lambda n: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32,
+                               kernel_init=nn.initializers.xavier_uniform(),
+                               bias_init=nn.initializers.normal(stddev=1e-6))
+    x = dense(self.mlp_dim)(x)
+    x = nn.gelu(x)
+    x = nn.Dropout(rate=self.dropout)(x, deterministic)
+    return dense(width)(x)
+
+
+def _attention(num_heads: int, dtype: Any) -> nn.MultiHeadDotProductAttention:
+  # Softmax in float32 so bfloat16 runs keep masked logits far below real ones. No dropout
+  # on attention probabilities: blocks drop the attention output instead, as ViT does.
+  return nn.MultiHeadDotProductAttention(
+      num_heads=num_heads, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nn.initializers.xavier_uniform(), force_fp32_for_softmax=True)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Any = jnp.float32
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None,
+               deterministic: bool = True) -> jnp.ndarray:
+    """x: [B, N, D]; mask: bool [B, 1|H, N, N], True where a query may attend a key."""
+    y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
+    y = _attention(self.num_heads, self.dtype)(
+        y, y, mask=mask, deterministic=deterministic)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x = x + y
+    y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
+    y = MlpBlock(self.mlp_dim, self.dtype, self.dropout)(y, deterministic)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    return x + y
+
+
+class Encoder(nn.Module):
+  """Stack of `depth` EncoderBlocks (encoderblock_i) followed by a final LayerNorm."""
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dtype: Any = jnp.float32
+  dropout: float = 0.0
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None,
+               deterministic: bool = True) -> jnp.ndarray:
+    """x: [B, N, D] -> [B, N, D]; mask as in EncoderBlock."""
+    # `self` is argnum 0, so 3 is `deterministic`, which must stay a Python bool.
+    block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+    for i in range(self.depth):
+      x = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.dropout,
+                    name=f"encoderblock_{i}")(x, mask, deterministic)
+    return nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="encoder_norm")(x)
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling: a learned probe attends over tokens, then LN + MLP."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """x: [B, N, D], mask: bool [B, N] (True = real token) -> [B, D]."""
+    b, _, d = x.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
+    probe = jnp.tile(probe, [b, 1, 1]).astype(self.dtype)
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    x = _attention(self.num_heads, self.dtype)(probe, x, mask=attn_mask)
+    y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
+    x = x + MlpBlock(self.mlp_dim, self.dtype)(y)
+    return x[:, 0]

@@ -1,0 +1,98 @@
+"""Two-tower (CLIP / SigLIP) model: image tower, text tower, temperature and bias."""
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from big_vlp.config_errors import fail
+from big_vlp.models import common
+from big_vlp.models.text import TextTransformer
+from big_vlp.models.vit import ViT
+
+
+def l2_normalize(x: jnp.ndarray, eps: float = 1e-8) -> jnp.ndarray:
+  """Normalises the last axis in float32; eps keeps an all-zero vector finite."""
+  x = x.astype(jnp.float32)
+  return x * jnp.reciprocal(jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps))
+
+
+def _tower_kwargs(cls: type, kwargs: Mapping[str, Any] | None, prefix: str) -> dict[str, Any]:
+  """Copies tower kwargs, rejecting unknown keys with the allowed ones listed."""
+  kwargs = dict(kwargs or {})
+  allowed = [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+  for key in kwargs:
+    if key not in allowed:
+      fail(f"{prefix}.{key}", kwargs[key], "unknown option; allowed: " + ", ".join(allowed))
+  return kwargs
+
+
+def _out_dim(kwargs: Mapping[str, Any], prefix: str) -> int:
+  """Width of a tower's pooled output, computed from its kwargs without building it."""
+  if kwargs.get("head_dim") is not None:
+    return kwargs["head_dim"]
+  size = common.resolve_size(kwargs.get("variant"),
+                             {k: kwargs.get(k) for k in common.SIZE_KEYS}, prefix)
+  return size["width"]
+
+
+class TwoTower(nn.Module):
+  """Image tower `img` + text tower `txt` + log-scale `t` and bias `b` params."""
+  image: Mapping[str, Any]
+  text: Mapping[str, Any]
+  embed_dim: int | None = None
+  temperature_init: float = math.log(10.0)
+  bias_init: float | None = -10.0
+  max_scale: float | None = None
+
+  def setup(self) -> None:
+    """Builds towers (adding `head` projections when embed_dim is set) and scalar params."""
+    image = _tower_kwargs(ViT, self.image, "model.image")
+    text = _tower_kwargs(TextTransformer, self.text, "model.text")
+    if self.embed_dim is not None:
+      if not isinstance(self.embed_dim, int) or self.embed_dim <= 0:
+        fail("model.embed_dim", self.embed_dim, "must be a positive integer or None")
+      for kwargs, prefix in ((image, "model.image"), (text, "model.text")):
+        if kwargs.get("head_dim") not in (None, self.embed_dim):
+          fail(f"{prefix}.head_dim", kwargs["head_dim"],
+               f"conflicts with model.embed_dim={self.embed_dim}; leave it unset")
+        kwargs["head_dim"] = self.embed_dim
+    else:
+      img_dim, txt_dim = _out_dim(image, "model.image"), _out_dim(text, "model.text")
+      if img_dim != txt_dim:
+        fail("model.embed_dim", None,
+             f"image output width {img_dim} != text output width {txt_dim}; set "
+             "model.embed_dim to project both towers to a common size")
+    if self.max_scale is not None and not self.max_scale > 0:
+      fail("model.max_scale", self.max_scale, "must be positive or None")
+
+    self.img = ViT(**image)
+    self.txt = TextTransformer(**text)
+    self.t = self.param("t", nn.initializers.constant(self.temperature_init), (), jnp.float32)
+    if self.bias_init is None:
+      self.b = None
+    else:
+      self.b = self.param("b", nn.initializers.constant(self.bias_init), (), jnp.float32)
+
+  def encode_image(self, image: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """image [B, H, W, C] -> L2-normalised float32 embeddings [B, D]."""
+    zimg, _ = self.img(image, train=train)
+    return l2_normalize(zimg)
+
+  def encode_text(self, tokens: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """tokens int [B, L] -> L2-normalised float32 embeddings [B, D]."""
+    ztxt, _ = self.txt(tokens, train=train)
+    return l2_normalize(ztxt)
+
+  def __call__(self, image: jnp.ndarray, tokens: jnp.ndarray, train: bool = False
+               ) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, Any]]:
+    """Returns (zimg, ztxt, {'t', 'scale', 'bias'}); scale = exp(t), clamped by max_scale."""
+    zimg = self.encode_image(image, train=train)
+    ztxt = self.encode_text(tokens, train=train)
+    t = self.t
+    log_scale = t if self.max_scale is None else jnp.minimum(t, math.log(self.max_scale))
+    out = {"t": t, "scale": jnp.exp(log_scale), "bias": self.b}
+    return zimg, ztxt, out

@@ -1,0 +1,99 @@
+"""ViT image tower: patch embedding, position embedding, pre-LN encoder, pooling."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from big_vlp.config_errors import check_choice, fail
+from big_vlp.models import common
+
+# Errors name fields as they appear in a two-tower config.
+PREFIX = "model.image"
+POSEMBS = ("learn", "sincos2d")
+POOL_TYPES = ("gap", "map", "tok")
+
+
+def _patch_tuple(patch_size: Any) -> tuple[int, int]:
+  """Accepts 16 or (16, 16); anything else is a config error."""
+  if isinstance(patch_size, (int, np.integer)) and not isinstance(patch_size, bool):
+    patch_size = (patch_size, patch_size)
+  if (not isinstance(patch_size, (tuple, list)) or len(patch_size) != 2
+      or not all(isinstance(p, (int, np.integer)) and p > 0 for p in patch_size)):
+    fail(f"{PREFIX}.patch_size", patch_size,
+         "must be a positive int or a pair of them; or set a variant like 'B/16'")
+  return int(patch_size[0]), int(patch_size[1])
+
+
+class ViT(nn.Module):
+  """Vision Transformer; explicit size fields override those from `variant`."""
+  variant: str | None = None
+  width: int | None = None
+  depth: int | None = None
+  mlp_dim: int | None = None
+  num_heads: int | None = None
+  patch_size: tuple[int, int] | int | None = None
+  posemb: str = "learn"
+  pool_type: str = "gap"
+  dtype: str = "float32"
+  dropout: float = 0.0
+  # Optional Dense projection named `head` after pooling (TwoTower sets it from embed_dim).
+  head_dim: int | None = None
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, image: jnp.ndarray, *, train: bool = False
+               ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """image [B, H, W, C] -> (pooled [B, width or head_dim], aux with 'tokens' [B, N, width])."""
+    size = common.resolve_size(
+        self.variant, dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
+                           num_heads=self.num_heads, patch_size=self.patch_size), PREFIX)
+    if "patch_size" not in size:
+      fail(f"{PREFIX}.patch_size", None, "no value; set it or use a variant like 'B/16'")
+    ph, pw = _patch_tuple(size["patch_size"])
+    width = size["width"]
+    check_choice(f"{PREFIX}.posemb", self.posemb, POSEMBS)
+    check_choice(f"{PREFIX}.pool_type", self.pool_type, POOL_TYPES)
+    common.check_dropout(self.dropout, f"{PREFIX}.dropout")
+    dtype = common.resolve_dtype(self.dtype, f"{PREFIX}.dtype")
+
+    b, h, w, _ = image.shape
+    if h % ph or w % pw:
+      fail(f"{PREFIX}.patch_size", (ph, pw), f"must divide the image size {h}x{w}")
+    gh, gw = h // ph, w // pw
+    x = nn.Conv(width, (ph, pw), strides=(ph, pw), padding="VALID", dtype=dtype,
+                param_dtype=jnp.float32, name="embedding")(image.astype(dtype))
+    x = x.reshape(b, gh * gw, width)
+
+    if self.posemb == "learn":
+      pos = self.param("pos_embedding", nn.initializers.normal(stddev=width ** -0.5),
+                       (1, gh * gw, width), jnp.float32)
+    else:
+      if width % 4:
+        fail(f"{PREFIX}.width", width, "posemb='sincos2d' needs a width divisible by 4")
+      pos = common.posemb_sincos_2d(gh, gw, width)
+    x = x + pos.astype(dtype)
+
+    if self.pool_type == "tok":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)
+      x = jnp.concatenate([jnp.tile(cls.astype(dtype), [b, 1, 1]), x], axis=1)
+
+    x = nn.Dropout(rate=self.dropout)(x, not train)
+    x = common.Encoder(size["depth"], size["mlp_dim"], size["num_heads"], dtype,
+                       self.dropout, self.remat, name="Transformer")(x, None, not train)
+
+    # aux tokens are patch tokens only, so N is the patch count for every pool type.
+    tokens = x[:, 1:] if self.pool_type == "tok" else x
+    if self.pool_type == "gap":
+      pooled = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(dtype)
+    elif self.pool_type == "map":
+      pooled = common.MAPHead(size["mlp_dim"], size["num_heads"], dtype)(tokens)
+    else:
+      pooled = x[:, 0]
+
+    aux = {"tokens": tokens, "pre_logits": pooled}
+    if self.head_dim is not None:
+      pooled = nn.Dense(self.head_dim, dtype=dtype, param_dtype=jnp.float32,
+                        name="head")(pooled)
+    return pooled, aux
