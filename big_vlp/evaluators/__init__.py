@@ -1,0 +1,22 @@
+"""Evaluators declared in config.evals, each run every `every` steps and at the end."""
+
+from typing import Any
+
+from big_vlp.config_errors import check_choice
+from big_vlp.evaluators.common import Encoders
+from big_vlp.evaluators.retrieval import Retrieval
+from big_vlp.evaluators.zeroshot import ZeroShot
+
+EVALUATORS = {"zeroshot": ZeroShot, "retrieval": Retrieval}
+
+
+def build_evaluators(config: Any, model: Any, tokenizer: Any, mesh: Any) -> dict[str, Any]:
+  """Instantiates every evaluator in config.evals (name -> evaluator)."""
+  from big_vlp import data  # Imported here: tensorflow only loads when evaluating.
+  encoders = Encoders(model, mesh)
+  out = {}
+  for name, cfg in (config.get("evals") or {}).items():
+    kind = check_choice(f"evals.{name}.type", cfg.get("type", name), EVALUATORS)
+    out[name] = EVALUATORS[kind](name, cfg, encoders=encoders, tokenizer=tokenizer,
+                                 text_len=int(config.model.text.max_len), data=data)
+  return out

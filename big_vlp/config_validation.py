@@ -1,0 +1,71 @@
+"""Start-up checks of a training config: each failure names the field and what is allowed."""
+
+import math
+from typing import Any
+
+from big_vlp import losses, optim, sharding
+from big_vlp.config_errors import ConfigError, check_choice, fail
+from big_vlp.evaluators import EVALUATORS
+from big_vlp.models.common import decode_variant
+
+IMAGE_POOLS = ("gap", "map", "tok")
+TEXT_POOLS = ("last", "first", "gap", "map")
+POSEMBS = ("learn", "sincos2d")
+DTYPES = ("float32", "bfloat16")
+REQUIRED = ("seed", "total_steps", "batch_size", "loss", "tokenizer", "data", "model",
+            "optim", "mesh", "sharding_rules", "log_every", "ckpt_every", "keep_ckpts")
+
+
+def _positive_int(config: Any, field: str) -> int:
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    fail(field, value, "must be a positive integer")
+  return value
+
+
+def _check_tower(cfg: Any, field: str, pools: tuple[str, ...]) -> None:
+  decode_variant(cfg.get("variant"), field=f"{field}.variant")
+  check_choice(f"{field}.pool_type", cfg.get("pool_type", pools[0]), pools)
+  check_choice(f"{field}.dtype", cfg.get("dtype", "float32"), DTYPES)
+
+
+def validate_config(config: Any, num_devices: int, process_count: int = 1) -> None:
+  """Raises ConfigError for the first invalid field of a training config."""
+  missing = [f for f in REQUIRED if f not in config]
+  if missing:
+    raise ConfigError(f"config is missing required fields: {', '.join(missing)}")
+  total = _positive_int(config, "total_steps")
+  batch = _positive_int(config, "batch_size")
+  for field in ("log_every", "ckpt_every", "keep_ckpts"):
+    _positive_int(config, field)
+  check_choice("loss", config.loss, losses.LOSSES)
+  check_choice("optim.name", config.optim.name, optim.OPTIMIZERS)
+  check_choice("optim.schedule.name", config.optim.schedule.name, optim.SCHEDULES)
+  warmup = config.optim.schedule.get("warmup_steps", 0)
+  if not 0 <= warmup <= total:
+    fail("optim.schedule.warmup_steps", warmup, f"must be in [0, total_steps={total}]")
+
+  _check_tower(config.model.image, "model.image", IMAGE_POOLS)
+  check_choice("model.image.posemb", config.model.image.get("posemb", "learn"), POSEMBS)
+  _check_tower(config.model.text, "model.text", TEXT_POOLS)
+  _positive_int(config, "model.text.max_len")
+
+  shape = sharding.mesh_shape(config.mesh, num_devices)
+  dp = math.prod(s for a, s in zip(sharding.MESH_AXES, shape) if a in sharding.BATCH_AXES)
+  if batch % dp:
+    fail("batch_size", batch, f"must be divisible by the data-parallel size {dp} "
+         f"(mesh {dict(zip(sharding.MESH_AXES, shape))}); e.g. {batch - batch % dp or dp}")
+  if batch % process_count:
+    fail("batch_size", batch, f"must be divisible by the process count {process_count}")
+  for i, item in enumerate(config.sharding_rules):
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+      fail(f"sharding_rules[{i}]", item, "each rule must be a (regex, rule) pair")
+    if isinstance(item[1], str):
+      check_choice(f"sharding_rules[{i}]", item[1], sharding.RULE_NAMES)
+  for name, ev in (config.get("evals") or {}).items():
+    check_choice(f"evals.{name}.type", ev.get("type", name), EVALUATORS)
+    for field in ("data", "split", "pp", "batch_size", "every"):
+      if field not in ev:
+        fail(f"evals.{name}", dict(ev), f"is missing field {field!r}")

@@ -1,0 +1,61 @@
+"""Zero-shot classification: class embedding = renormalised mean of prompt embeddings."""
+
+from typing import Any
+
+import numpy as np
+
+from big_vlp.evaluators.common import Encoders, iterate_unpadded
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image showing a {}.",
+    "a {}.",
+)
+
+
+def class_embeddings(encoders: Encoders, params: Any, tokenizer: Any, class_names: list[str],
+                     templates: tuple[str, ...], max_len: int) -> np.ndarray:
+  """[C, D] unit-norm class embeddings averaged over the prompt templates."""
+  prompts = [t.format(c) for c in class_names for t in templates]
+  z = encoders.texts(params, tokenizer.encode(prompts, max_len))
+  z = z.reshape(len(class_names), len(templates), -1).mean(axis=1)
+  return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+def topk_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+  """top1, top5 and mean per-class recall (fractions in [0, 1])."""
+  order = np.argsort(-logits, axis=1)
+  hit1 = order[:, 0] == labels
+  k = min(5, num_classes)
+  hit5 = (order[:, :k] == labels[:, None]).any(axis=1)
+  recalls = [hit1[labels == c].mean() for c in range(num_classes) if (labels == c).any()]
+  return {"top1": float(hit1.mean()), "top5": float(hit5.mean()),
+          "mean_per_class_recall": float(np.mean(recalls))}
+
+
+class ZeroShot:
+  """Evaluator: classify images by the nearest class-prompt embedding."""
+
+  def __init__(self, name: str, cfg: Any, *, encoders: Encoders, tokenizer: Any,
+               text_len: int, data: Any):
+    self.name, self.cfg, self.encoders = name, cfg, encoders
+    self.tokenizer, self.text_len, self.data = tokenizer, text_len, data
+    self.label_key = cfg.get("label_key", "label")
+    self.class_names = list(cfg.get("class_names", None) or
+                            data.class_names(cfg.data, cfg.get("data_dir"), key=self.label_key))
+    self.templates = tuple(cfg.get("templates", None) or DEFAULT_TEMPLATES)
+
+  def run(self, params: Any) -> dict[str, float]:
+    """Returns {'top1', 'top5', 'mean_per_class_recall'}."""
+    zcls = class_embeddings(self.encoders, params, self.tokenizer, self.class_names,
+                            self.templates, self.text_len)
+    logits, labels = [], []
+    batches = self.data.eval_iterator(
+        name=self.cfg.data, split=self.cfg.split, data_dir=self.cfg.get("data_dir"),
+        pp=self.cfg.pp, tokenizer=self.tokenizer, batch_size=self.cfg.batch_size)
+    for b in iterate_unpadded(batches):
+      logits.append(self.encoders.images(params, b["image"]) @ zcls.T)
+      labels.append(b[self.label_key])
+    return topk_metrics(np.concatenate(logits), np.concatenate(labels).astype(np.int64),
+                        len(self.class_names))

@@ -1,0 +1,114 @@
+"""Metrics to WORKDIR/metrics.jsonl (one JSON object per event, always with 'step'),
+TensorBoard event files, and a progress line on the console."""
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+
+def _jsonable(v: Any) -> Any:
+  v = float(v) if hasattr(v, "__float__") else v
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN/inf; keep them visible instead of invalid output.
+  return v
+
+
+class MetricWriter:
+  """Appends metric events; only the main process writes."""
+
+  def __init__(self, workdir: str, *, is_main: bool = True, tensorboard: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.is_main = is_main
+    self._tb = None
+    if is_main:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def truncate_after(self, step: int) -> None:
+    """Drops events logged after `step` (work lost by a crash that is now being redone)."""
+    if not self.is_main or not os.path.exists(self.path):
+      return
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          if json.loads(line).get("step", 0) <= step:
+            kept.append(line)
+        except json.JSONDecodeError:
+          pass  # A line cut short by a kill.
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Writes one event."""
+    if not self.is_main:
+      return
+    event = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(event) + "\n")
+    if self._tb is not None:
+      for k, v in event.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self._tb.add_scalar(k, v, int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    """Flushes TensorBoard."""
+    if self._tb is not None:
+      self._tb.close()
+
+
+def format_duration(seconds: float) -> str:
+  """'1h02m', '3m05s' or '12s'."""
+  seconds = max(0, int(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Progress:
+  """Tracks throughput and ETA and prints a one-line progress display."""
+
+  def __init__(self, total_steps: int, start_step: int, global_batch: int,
+               is_main: bool = True):
+    self.total = total_steps
+    self.batch = global_batch
+    self.is_main = is_main
+    self._t0 = time.perf_counter()
+    self._last_t = self._t0
+    self._last_step = start_step
+    self._start_step = start_step
+
+  def measure(self, step: int) -> dict[str, float]:
+    """Throughput since the last call and the ETA for the remaining steps."""
+    now = time.perf_counter()
+    steps = max(step - self._last_step, 1)
+    dt = max(now - self._last_t, 1e-9)
+    self._last_t, self._last_step = now, step
+    step_time = dt / steps
+    return {"step_time_s": step_time, "img_per_sec": self.batch / step_time,
+            "eta_s": step_time * (self.total - step),
+            "elapsed_s": now - self._t0}
+
+  def show(self, step: int, metrics: Mapping[str, float]) -> None:
+    """Prints '[####....]  37% step 370/1000 loss ... img/s ... ETA ...'."""
+    if not self.is_main:
+      return
+    frac = step / max(self.total, 1)
+    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+    parts = [f"[{bar}] {100 * frac:5.1f}% step {step}/{self.total}"]
+    for key in ("loss", "lr", "temperature", "bias"):
+      if f"train/{key}" in metrics:
+        parts.append(f"{key} {metrics[f'train/{key}']:.4g}")
+    if "train/img_per_sec" in metrics:
+      parts.append(f"{metrics['train/img_per_sec']:.0f} img/s")
+    if "train/eta_s" in metrics:
+      parts.append(f"ETA {format_duration(metrics['train/eta_s'])}")
+    print("  ".join(parts), file=sys.stdout, flush=True)

@@ -1,0 +1,99 @@
+"""Optimizer and learning-rate schedule from the config (optax).
+
+config.optim fields: name ('adamw' | 'adafactor' | 'sgd'), lr, wd, b1, b2, eps,
+grad_clip_norm, wd_rules (regexes of params that get weight decay; default kernels only),
+schedule.{name ('cosine' | 'rsqrt' | 'linear' | 'constant'), warmup_steps, end_factor,
+timescale, cooldown_steps}. config.freeze: regexes of params that are frozen: they get
+no optimizer state and never change.
+"""
+
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from big_vlp.config_errors import check_choice, fail
+from big_vlp.tree_paths import map_with_path
+
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
+DEFAULT_WD_RULES = (".*/kernel",)
+
+
+def make_schedule(optim_cfg: Any, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+  """Linear warmup followed by the configured decay, as a function of the step."""
+  sch = optim_cfg.schedule
+  name = check_choice("optim.schedule.name", sch.name, SCHEDULES)
+  lr = float(optim_cfg.lr)
+  warmup = int(sch.get("warmup_steps", 0))
+  if warmup < 0 or warmup > total_steps:
+    fail("optim.schedule.warmup_steps", warmup, f"must be in [0, total_steps={total_steps}]")
+  end = float(sch.get("end_factor", 0.0))
+  decay_steps = max(total_steps - warmup, 1)
+  timescale = float(sch.get("timescale", 10_000))
+  cooldown = int(sch.get("cooldown_steps", 0))
+
+  def schedule(step: jax.Array) -> jax.Array:
+    step = jnp.asarray(step, jnp.float32)
+    warm = jnp.minimum(1.0, (step + 1.0) / warmup) if warmup > 0 else 1.0
+    frac = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+    if name == "cosine":
+      decay = end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    elif name == "linear":
+      decay = 1.0 - (1.0 - end) * frac
+    elif name == "rsqrt":
+      decay = jax.lax.rsqrt(1.0 + jnp.maximum(step - warmup, 0.0) / timescale)
+      if cooldown > 0:  # Linear cooldown to zero over the last steps, as big_vision does.
+        decay = decay * jnp.clip((total_steps - step) / cooldown, 0.0, 1.0)
+    else:
+      decay = 1.0
+    return lr * warm * decay
+
+  return schedule
+
+
+def _matches(rules: Sequence[str]) -> Callable[[str], bool]:
+  compiled = [re.compile(r) for r in rules]
+  return lambda path: any(rx.fullmatch(path) for rx in compiled)
+
+
+def trainable_labels(params: Any, freeze: Sequence[str]) -> Any:
+  """'frozen' for params matching a freeze regex, else 'train'."""
+  frozen = _matches(freeze)
+  return map_with_path(lambda path, _: "frozen" if frozen(path) else "train", params)
+
+
+def make_optimizer(config: Any, params: Any) -> tuple[optax.GradientTransformation, Callable]:
+  """Builds the optax transformation and the lr schedule from config.optim / config.freeze."""
+  oc = config.optim
+  name = check_choice("optim.name", oc.name, OPTIMIZERS)
+  sched = make_schedule(oc, int(config.total_steps))
+  wd_match = _matches(oc.get("wd_rules", DEFAULT_WD_RULES) or ())
+  wd_mask = lambda tree: map_with_path(lambda path, _: wd_match(path), tree)
+  wd = float(oc.get("wd", 0.0))
+
+  if name == "adamw":
+    opt = optax.adamw(sched, b1=oc.get("b1", 0.9), b2=oc.get("b2", 0.999),
+                      eps=oc.get("eps", 1e-8), weight_decay=wd, mask=wd_mask)
+  elif name == "adafactor":
+    opt = optax.adafactor(sched, momentum=oc.get("b1", None), decay_rate=oc.get("b2", 0.8),
+                          weight_decay_rate=wd or None, weight_decay_mask=wd_mask,
+                          multiply_by_parameter_scale=False, clipping_threshold=None)
+  else:
+    opt = optax.chain(optax.add_decayed_weights(wd, mask=wd_mask),
+                      optax.sgd(sched, momentum=oc.get("b1", None)))
+
+  parts = []
+  clip = oc.get("grad_clip_norm", None)
+  if clip:
+    parts.append(optax.clip_by_global_norm(float(clip)))
+  parts.append(opt)
+  train_tx = optax.chain(*parts)
+
+  labels = trainable_labels(params, config.get("freeze", ()) or ())
+  if "train" not in jax.tree.leaves(labels):
+    fail("freeze", tuple(config.freeze), "freezes every parameter; nothing would train")
+  tx = optax.multi_transform({"train": train_tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, sched
