@@ -5,7 +5,6 @@ Reading order: set-up (mesh, tokenizer, model, optimizer, state or resume), then
 """
 
 import os
-import sys
 import time
 from typing import Any
 
@@ -13,66 +12,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import jax
-import numpy as np
 
 from big_vlp import checkpoint, config_validation, sharding, train_step
 from big_vlp.metric_writer import MetricWriter, Progress, format_duration
-from big_vlp.model_factory import build_model
-from big_vlp.optim import make_optimizer
+from big_vlp.run_setup import make_input, make_run_spec, make_tokenizer, run_evaluators
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluator metrics.
 
-
-def make_tokenizer(config: Any, workdir: str) -> Any:
-  """The run's tokenizer; 'sp_train:N' trains on the training captions once per workdir."""
-  from big_vlp.data import pipeline, tokenizers
-  dc = config.data
-  texts = lambda: pipeline.iterate_texts(dc.name, dc.split, dc.get("data_dir"),
-                                         key=dc.get("text_key", "caption"),
-                                         limit=dc.get("tokenizer_examples", 100_000))
-  return tokenizers.build_tokenizer(config.tokenizer, workdir=workdir, texts_fn=texts)
-
-
-def make_input(config: Any, tokenizer: Any, start_example: int):
-  """This process's infinite iterator of local batches, starting at `start_example`."""
-  from big_vlp.data import pipeline
-  dc = config.data
-  return pipeline.train_iterator(
-      name=dc.name, split=dc.split, data_dir=dc.get("data_dir"), pp=dc.pp,
-      tokenizer=tokenizer, local_batch_size=config.batch_size // jax.process_count(),
-      seed=config.seed, start_example=start_example, process_index=jax.process_index(),
-      process_count=jax.process_count(), shuffle_buffer=dc.get("shuffle_buffer", 50_000))
-
-
-def run_evaluators(evaluators: dict[str, Any], params: Any, step: int, writer: MetricWriter,
-                   final: bool = False) -> dict[str, float]:
-  """Runs the due evaluators; one that raises is reported and training goes on."""
-  results = {}
-  for name, ev in evaluators.items():
-    if not final and (ev.cfg.every <= 0 or step % ev.cfg.every):
-      continue
-    t0 = time.perf_counter()
-    try:
-      metrics = ev.run(params)
-    except Exception as e:  # pylint: disable=broad-except
-      print(f"evaluator {name!r} failed at step {step}: {type(e).__name__}: {e}",
-            file=sys.stderr, flush=True)
-      writer.write(step, {f"{name}/error": 1.0})
-      continue
-    results.update({f"{name}/{k}": v for k, v in metrics.items()})
-    if jax.process_index() == 0:
-      shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-      print(f"  eval {name} @ step {step} ({time.perf_counter() - t0:.1f}s): {shown}",
-            flush=True)
-  if results:
-    writer.write(step, results)
-  return results
-
-
-def train(config: Any, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the run in `workdir`; returns the final evaluator metrics."""
+  `stop_at` ends this invocation after that step with a checkpoint, as a preemption
+  would; running again on the same workdir continues the run exactly.
+  """
   # ---- set-up ------------------------------------------------------------------------
   config_validation.validate_config(config, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
@@ -87,11 +37,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   first = next(batches)
   batch_shapes = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype)
                   for k, v in first.items()}
-  model = build_model(config, tokenizer.vocab_size)
-  abstract_params = train_step.abstract_params(model, batch_shapes)
-  tx, schedule = make_optimizer(config, abstract_params)
-  abstract, shardings = train_step.abstract_state(model, tx, config.sharding_rules, mesh,
-                                                  batch_shapes)
+  spec = make_run_spec(config, mesh, tokenizer.vocab_size, batch_shapes)
+  model, abstract, shardings = spec.model, spec.abstract_state, spec.shardings
   if is_main:
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
           f"device(s), {jax.process_count()} process(es)")
@@ -101,9 +48,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     if is_main:
       print(f"resumed from step {start_step} ({meta['examples_seen']} examples seen)")
   else:
-    state = train_step.init_state(model, tx, shardings, batch_shapes, config.seed)
-  step_fn = train_step.make_train_step(model, tx, config.loss, schedule, shardings, mesh,
-                                       tuple(batch_shapes))
+    state = train_step.init_state(model, spec.tx, shardings, batch_shapes, config.seed)
+  step_fn = train_step.make_train_step(model, spec.tx, config.loss, spec.schedule,
+                                       shardings, mesh, tuple(batch_shapes))
   writer = MetricWriter(workdir, is_main=is_main)
   writer.truncate_after(start_step)
   from big_vlp.evaluators import build_evaluators
@@ -137,9 +84,14 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       wait_s = 0.0
       writer.write(step, values)
       progress.show(step, values)
-    if ckpt.should_save(step, total):
+    stopping = stop_at is not None and step >= stop_at and step < total
+    if ckpt.should_save(step, total) or stopping:
       ckpt.save(step, state, {**meta_base, "step": step,
                               "examples_seen": step * config.batch_size})
+    if stopping:
+      ckpt.close()
+      writer.close()
+      return {}
     if step < total:
       run_evaluators(evaluators, state["params"], step, writer)
 
@@ -155,10 +107,14 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
 def main(argv: list[str]) -> None:
   del argv
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required")
-  train(_CONFIG.value, _WORKDIR.value)
+  train(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
+  # Flags live here so that importing this module (tests, evaluate) defines none.
+  config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+  flags.FLAGS.set_default("verbosity", -1)  # absl WARNING: hide orbax/tfds INFO chatter.
   app.run(main)

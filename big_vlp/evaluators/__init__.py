@@ -12,7 +12,7 @@ EVALUATORS = {"zeroshot": ZeroShot, "retrieval": Retrieval}
 
 def build_evaluators(config: Any, model: Any, tokenizer: Any, mesh: Any) -> dict[str, Any]:
   """Instantiates every evaluator in config.evals (name -> evaluator)."""
-  from big_vlp import data  # Imported here: tensorflow only loads when evaluating.
+  from big_vlp.data import pipeline as data  # Here: tensorflow loads only when needed.
   encoders = Encoders(model, mesh)
   out = {}
   for name, cfg in (config.get("evals") or {}).items():
