@@ -1,0 +1,281 @@
+"""tf.data input pipelines: infinite, exactly resumable training streams and padded eval sets.
+
+Training stream, per process: the process's slice of the split is read in file order, each
+epoch is shuffled with a seed derived from (seed, epoch), epochs are concatenated and the
+stream is batched across epoch boundaries. Example number n of the stream therefore depends
+only on (seed, process slice, n), which is what makes `start_example` resume exact: the
+records before it are skipped before any decoding, and every example's augmentation seed is
+derived from its position n rather than from iterator state.
+"""
+
+import atexit
+import os
+import re
+from typing import Iterator
+import weakref
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from big_vlp.config_errors import fail
+from big_vlp.data import ops
+from big_vlp.data import shapes
+from big_vlp.data.tokenizers import Tokenizer
+
+Batch = dict[str, np.ndarray]
+SHAPES_NAME = "big_vlp_shapes"
+MASK_KEY = "_mask"
+
+
+class BatchIterator:
+  """Iterates numpy batches of a tf.data pipeline; `close()` stops its threads."""
+
+  def __init__(self, ds: tf.data.Dataset):
+    self._it = ds.as_numpy_iterator()
+    _LIVE_ITERATORS.add(self)
+
+  def __iter__(self) -> "BatchIterator":
+    return self
+
+  def __next__(self) -> Batch:
+    if self._it is None:
+      raise StopIteration
+    return next(self._it)
+
+  def close(self) -> None:
+    """Releases the pipeline (its buffers and background threads)."""
+    self._it = None
+
+
+# A tf.numpy_function (SentencePiece tokenization) still running in a tf.data thread while
+# Python shuts down aborts the process ("terminate called without an active exception"),
+# so every live pipeline is released before interpreter teardown.
+_LIVE_ITERATORS: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
+atexit.register(lambda: [it.close() for it in list(_LIVE_ITERATORS)])
+
+
+def _data_dir(data_dir: str | None) -> str:
+  return os.fspath(data_dir) if data_dir is not None else tfds.core.constants.DATA_DIR
+
+
+def available_datasets(data_dir: str | None) -> list[str]:
+  """Prepared datasets under data_dir, as 'name' or 'name/config' (all versions merged)."""
+  root = _data_dir(data_dir)
+  found = set()
+  for depth in ("*/*", "*/*/*"):
+    for info in tf.io.gfile.glob(os.path.join(root, depth, "dataset_info.json")):
+      parts = os.path.relpath(os.path.dirname(info), root).split(os.sep)
+      found.add("/".join(parts[:-1]))  # Drop the version directory.
+  return sorted(found)
+
+
+def get_builder(name: str, data_dir: str | None, *,
+                field: str = "data.name") -> tfds.core.DatasetBuilder:
+  """The prepared tfds builder for `name`; big_vlp_shapes is generated on first use."""
+  base, _, config = name.partition("/")
+  if base == SHAPES_NAME:
+    if config and config not in shapes.CONFIG_NAMES:
+      fail(field, name, "unknown config; available: "
+           + ", ".join(f"{SHAPES_NAME}/{c}" for c in shapes.CONFIG_NAMES))
+    return shapes.ensure_built(data_dir, config or "default")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    prepared = builder.is_prepared()
+  except Exception:  # tfds raises several types for unknown / unreadable names.
+    prepared = False
+  if not prepared:
+    present = available_datasets(data_dir)
+    fail(field, name, f"no prepared tfds dataset of that name in {_data_dir(data_dir)!r}; "
+         "datasets there: " + (", ".join(present) if present else "(none)")
+         + f"; {SHAPES_NAME}[/config] is built automatically")
+  return builder
+
+
+def _check_split(builder: tfds.core.DatasetBuilder, split: str, field: str) -> None:
+  """Raises ConfigError unless every split named in `split` (e.g. 'train[:90%]') exists."""
+  present = list(builder.info.splits.keys())
+  for part in split.split("+"):
+    base = re.split(r"[\[(]", part.strip(), maxsplit=1)[0].strip()
+    if base not in present:
+      fail(field, split, f"dataset {builder.info.full_name!r} has no split {base!r}; "
+           "splits there: " + ", ".join(sorted(present)))
+  try:
+    builder.info.splits[split]
+  except Exception as e:  # Malformed slicing, e.g. 'train[:200%]'.
+    fail(field, split, f"cannot be read: {e}")
+
+
+def _process_split(builder, split: str, process_index: int, process_count: int) -> str:
+  """This process's disjoint, contiguous part of `split`."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+  if process_count == 1:
+    return split
+  return tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+
+
+def _read(builder, split: str) -> tf.data.Dataset:
+  """Records of `split` in file order; image features stay encoded (decoded by the pp ops)."""
+  decoders = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
+              if isinstance(f, tfds.features.Image)}
+  read_config = tfds.ReadConfig(shuffle_seed=None, interleave_cycle_length=1,
+                                add_tfds_id=False, try_autocache=False)
+  return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders or None,
+                            read_config=read_config)
+
+
+def _stream_key(seed: int, process_index: int) -> int:
+  """A well-mixed int64 from (seed, process) that keys this stream's random numbers."""
+  state = np.random.SeedSequence([seed, process_index]).generate_state(1, np.uint64)[0]
+  return int(state.astype(np.int64))
+
+
+def num_examples(name: str, split: str, data_dir: str | None) -> int:
+  """Number of examples in `split` (slicing syntax allowed)."""
+  builder = get_builder(name, data_dir)
+  _check_split(builder, split, "data.split")
+  return builder.info.splits[split].num_examples
+
+
+def class_names(name: str, data_dir: str | None, key: str = "label", *,
+                field: str = "label_key") -> list[str]:
+  """Names of the ClassLabel feature `key`, in label order."""
+  builder = get_builder(name, data_dir)
+  features = builder.info.features
+  feature = features[key] if key in features.keys() else None
+  if not isinstance(feature, tfds.features.ClassLabel):
+    labels = [k for k, f in builder.info.features.items()
+              if isinstance(f, tfds.features.ClassLabel)]
+    fail(field, key, f"dataset {name!r} has no ClassLabel feature of that name; "
+         "ClassLabel features: " + (", ".join(labels) if labels else "(none)"))
+  return list(feature.names)
+
+
+def iterate_texts(name: str, split: str, data_dir: str | None, key: str = "caption",
+                  limit: int | None = None) -> Iterator[str]:
+  """Yields the strings of feature `key` (each one of a list), e.g. to train a tokenizer."""
+  builder = get_builder(name, data_dir)
+  _check_split(builder, split, "data.split")
+  if key not in builder.info.features:
+    fail("data.text_key", key, f"dataset {name!r} has no feature of that name; features: "
+         + ", ".join(builder.info.features.keys()))
+  # Batched, because fetching scalars one by one from tf.data costs ~0.3 ms each.
+  ds = _read(builder, split).map(lambda ex: tf.reshape(ex[key], [-1])).unbatch().batch(1024)
+  count = 0
+  for values in ds.as_numpy_iterator():
+    for text in values:
+      if limit is not None and count >= limit:
+        return
+      yield text.decode("utf-8")
+      count += 1
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True  # Parallel maps must keep the order for exact resume.
+  return options
+
+
+def train_iterator(*, name: str, split: str, data_dir: str | None, pp: str,
+                   tokenizer: Tokenizer | None,
+                   local_batch_size: int, seed: int, start_example: int = 0,
+                   process_index: int = 0, process_count: int = 1,
+                   shuffle_buffer: int = 50_000, prefetch: int = 2,
+                   config_prefix: str = "data") -> BatchIterator:
+  """Infinite stream of this process's numpy batches, from example `start_example` on.
+
+  Resuming with start_example = k * local_batch_size yields exactly the batches that a
+  stream started at 0 yields from batch k on. Config errors name `{config_prefix}.<field>`.
+  """
+  builder = get_builder(name, data_dir, field=f"{config_prefix}.name")
+  _check_split(builder, split, f"{config_prefix}.split")
+  preprocess = ops.get_preprocess_fn(pp, tokenizer, field=f"{config_prefix}.pp")
+  local_split = _process_split(builder, split, process_index, process_count)
+  epoch_size = builder.info.splits[local_split].num_examples
+  if epoch_size == 0:
+    fail(f"{config_prefix}.split", split, f"process {process_index} of {process_count} gets "
+         "no examples")
+  if start_example < 0:
+    raise ValueError(f"start_example must be >= 0, got {start_example}")
+  key = _stream_key(seed, process_index)
+  first_epoch, skip_in_first = divmod(start_example, epoch_size)
+  records = _read(builder, local_split)
+
+  def epoch(index: tf.Tensor) -> tf.data.Dataset:
+    epoch_seed = tf.random.stateless_uniform(
+        [], seed=tf.stack([tf.constant(key, tf.int64), index]), minval=None, maxval=None,
+        dtype=tf.int64)
+    shuffled = records.shuffle(min(shuffle_buffer, epoch_size), seed=epoch_seed,
+                               reshuffle_each_iteration=False)
+    skip = tf.where(index == first_epoch, tf.constant(skip_in_first, tf.int64), 0)
+    return shuffled.skip(skip)
+
+  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+  # Each new epoch's shuffle buffer must fill before it yields anything; read-ahead of
+  # still-encoded records keeps the trainer fed through that pause.
+  ds = ds.prefetch(min(8 * local_batch_size, 4096))
+  positions = tf.data.Dataset.range(start_example, np.iinfo(np.int64).max)
+
+  def attach_seed(position, example):
+    example = dict(example)
+    example[ops.SEED_KEY] = tf.stack([tf.constant(key, tf.int64), position])
+    return example
+
+  ds = tf.data.Dataset.zip(positions, ds).map(attach_seed)
+  ds = ds.map(lambda ex: _without_seed(preprocess(ex)), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(prefetch)
+  return BatchIterator(ds.with_options(_options()))
+
+
+def _without_seed(example: ops.Example) -> ops.Example:
+  return {k: v for k, v in example.items() if k != ops.SEED_KEY}
+
+
+def eval_iterator(*, name: str, split: str, data_dir: str | None, pp: str,
+                  tokenizer: Tokenizer | None,
+                  batch_size: int, process_index: int = 0, process_count: int = 1,
+                  config_prefix: str = "data") -> BatchIterator:
+  """Every example of this process's slice once, in file order, in equal-shape batches.
+
+  The last batch is zero-padded; `_mask` (bool [batch]) is False on padding. All processes
+  yield the same number of batches, so multi-host evaluation loops stay in lock-step.
+  """
+  builder = get_builder(name, data_dir, field=f"{config_prefix}.name")
+  _check_split(builder, split, f"{config_prefix}.split")
+  preprocess = ops.get_preprocess_fn(pp, tokenizer, field=f"{config_prefix}.pp")
+  sizes = [builder.info.splits[_process_split(builder, split, i, process_count)].num_examples
+           for i in range(process_count)]
+  num_batches = -(-max(sizes) // batch_size)
+  key = _stream_key(0, process_index)
+
+  def prepare(position, example):
+    example = dict(example)
+    example[ops.SEED_KEY] = tf.stack([tf.constant(key, tf.int64), position])
+    example = _without_seed(preprocess(example))
+    example[MASK_KEY] = tf.constant(True)
+    return example
+
+  ds = tf.data.Dataset.zip(tf.data.Dataset.range(np.iinfo(np.int64).max),
+                           _read(builder, _process_split(builder, split, process_index,
+                                                         process_count)))
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = num_batches * batch_size - sizes[process_index]
+  if padding:
+    ds = ds.concatenate(_padding(ds, sizes[process_index] > 0, f"{config_prefix}.pp", pp)
+                        .repeat(padding))
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
+  return BatchIterator(ds.with_options(_options()))
+
+
+def _padding(ds: tf.data.Dataset, has_examples: bool, field: str, pp: str) -> tf.data.Dataset:
+  """One all-zero example (`_mask` False) shaped like the examples of `ds`."""
+  if has_examples:  # Zeros like a real example: works when static shapes are unknown.
+    return ds.take(1).map(lambda ex: tf.nest.map_structure(tf.zeros_like, ex)).cache()
+  for key, spec in ds.element_spec.items():
+    if not spec.shape.is_fully_defined():
+      fail(field, pp, f"this process has no examples to pad like, and {key!r} has no static "
+           f"shape ({spec.shape}); add a resize op")
+  return tf.data.Dataset.from_tensors(
+      {k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()})
