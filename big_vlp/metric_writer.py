@@ -86,6 +86,10 @@ class Progress:
     self._last_step = start_step
     self._start_step = start_step
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves time spent outside training steps (evaluation, saving) out of throughput."""
+    self._last_t += seconds
+
   def measure(self, step: int) -> dict[str, float]:
     """Throughput since the last call and the ETA for the remaining steps."""
     now = time.perf_counter()

@@ -93,7 +93,9 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
       writer.close()
       return {}
     if step < total:
+      t0 = time.perf_counter()
       run_evaluators(evaluators, state["params"], step, writer)
+      progress.exclude(time.perf_counter() - t0)
 
   # ---- end ---------------------------------------------------------------------------
   results = run_evaluators(evaluators, state["params"], total, writer, final=True)

@@ -45,6 +45,7 @@ SHAPE_WORDS = {
     "cross": ["cross", "cross", "plus sign"],
     "ring": ["ring", "ring", "donut"],
 }
+COLOUR_OMIT_PROB = 0.3
 SIZE_WORDS = {"small": ["small", "little", "tiny"], "large": ["large", "big"]}
 # Position phrases per (row, col) cell of a 3x3 grid.
 POSITION_PHRASES = {
@@ -150,19 +151,22 @@ def _choice(rng: np.random.Generator, items):
 
 def _caption(rng, colour, shape, size, cell, second) -> str:
   """Describes the scene with a random template, optional attributes and synonyms."""
-  col = _choice(rng, COLOUR_WORDS[colour])
+  # Some captions leave the colour out: colour alone tells most pairs of a batch apart,
+  # and without such captions neither tower has a reason to learn shape early on.
+  col = _choice(rng, COLOUR_WORDS[colour]) if rng.random() >= COLOUR_OMIT_PROB else None
   shp = _choice(rng, SHAPE_WORDS[shape])
+  obj = f"{col} {shp}" if col else shp
   size_word = _choice(rng, SIZE_WORDS[size]) if rng.random() < 0.55 else None
   pos = _choice(rng, POSITION_PHRASES[cell]) if rng.random() < 0.65 else None
-  sized = f"{size_word} {col} {shp}" if size_word else f"{col} {shp}"
+  sized = f"{size_word} {obj}" if size_word else obj
   where = f" {pos}" if pos else ""
   template = rng.integers(7)
   if template == 0:
     text = f"a {sized}{where}"
   elif template == 1:
-    text = f"there is a {col} {shp}{where}"
+    text = f"there is a {obj}{where}"
   elif template == 2:
-    parts = [f"{col} {shp}"] + ([size_word] if size_word else []) + ([pos] if pos else [])
+    parts = [obj] + ([size_word] if size_word else []) + ([pos] if pos else [])
     text = ", ".join(parts)
   elif template == 3:
     text = f"a photo of a {sized}"
@@ -171,7 +175,7 @@ def _caption(rng, colour, shape, size, cell, second) -> str:
   elif template == 5:
     text = f"{sized}{where}"
   else:
-    text = f"a picture of a {col} {shp}{where}"
+    text = f"a picture of a {obj}{where}"
   if second is not None:
     c2, s2 = second
     obj = f"{_choice(rng, COLOUR_WORDS[c2])} {_choice(rng, SHAPE_WORDS[s2])}"
@@ -260,8 +264,9 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class BigVlpShapes(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes with captions; `label` is the main object's '{colour} {shape}'."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "30% of captions omit the colour, so shape must be learned."}
   # tfds would locate this file through `importlib_resources`, which the pinned stack lacks.
   code_path = epath.Path(__file__)
   BUILDER_CONFIGS = [
