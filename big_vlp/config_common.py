@@ -1,10 +1,11 @@
-"""Pieces shared by the configs in configs/: evaluators and optional fields."""
+"""Pieces shared by the configs in configs/: evaluators, optional fields, pod recipes."""
 
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
+from big_vlp.config_args import parse_arg
 from big_vlp.evaluators.zeroshot import DEFAULT_TEMPLATES
 
 
@@ -57,3 +58,56 @@ def run_fields(config: ml_collections.ConfigDict, *, log_every: int, ckpt_every:
   config.log_every = log_every
   config.ckpt_every = ckpt_every
   config.keep_ckpts = keep_ckpts
+
+
+def pod_config(arg: str | None, *, loss: str, tokenizer: str, examples: int, text_len: int,
+               image: dict, text: dict, embed_dim: int, max_scale: float | None,
+               optim: dict) -> ml_collections.ConfigDict:
+  """A full-size recipe (batch 32k, FSDP over every device) with a `runlocal` CPU variant.
+
+  Arguments: data, data_dir, text_key, eval_data, eval_split, eval_data_dir, retrieval_data,
+  retrieval_split, tokenizer, examples, batch, seed, fsdp, runlocal. `runlocal` keeps the
+  recipe's structure with mu-sized float32 towers, batch 16, 3 steps on the embedded data.
+  """
+  a = parse_arg(arg, data="laion400m", data_dir="", text_key="caption",
+                eval_data="imagenet2012", eval_split="validation", eval_data_dir="",
+                retrieval_data="coco_captions", retrieval_split="val", tokenizer=tokenizer,
+                examples=examples, batch=32_768, seed=0, fsdp=-1, runlocal=False)
+  res = 224
+  image, text = dict(image), dict(text, max_len=text_len)
+  if a.runlocal:
+    a.update(data="big_vlp_shapes/small", eval_data="big_vlp_shapes/small", eval_split="test",
+             retrieval_data="big_vlp_shapes/small", tokenizer="bytes", batch=16,
+             examples=16 * 3)
+    res, text_len, embed_dim = 64, 16, 32
+    image.update(variant="mu/16", dtype="float32")
+    text.update(variant="mu", dtype="float32", max_len=text_len)
+  c = ml_collections.ConfigDict()
+  c.seed = a.seed
+  c.batch_size = a.batch
+  c.total_steps = max(1, a.examples // a.batch)
+  c.loss = loss
+  c.tokenizer = a.tokenizer
+  c.data = ml_collections.ConfigDict({
+      "name": a.data, "split": "train", "data_dir": opt_str(a.data_dir),
+      "text_key": a.text_key, "shuffle_buffer": 1000 if a.runlocal else 250_000,
+      "pp": (f"decode|resize({res})|value_range(-1,1)|{text_pp(text_len, a.text_key)}"
+             "|keep('image','text')")})
+  c.model = ml_collections.ConfigDict({
+      "image": image, "text": text, "embed_dim": embed_dim,
+      "temperature_init": opt_float(), "bias_init": opt_float(),
+      "max_scale": opt_float(max_scale)})
+  optim = dict(optim, grad_clip_norm=opt_float(optim.get("grad_clip_norm")))
+  optim["schedule"] = dict(optim["schedule"], warmup_steps=min(
+      optim["schedule"]["warmup_steps"], c.total_steps // 10))
+  c.optim = ml_collections.ConfigDict(optim)
+  run_fields(c, log_every=1 if a.runlocal else 50,
+             ckpt_every=c.total_steps if a.runlocal else 1000)
+  c.mesh.data = 1
+  c.mesh.fsdp = a.fsdp  # Fully sharded over every device: a 32k batch of B/16 needs it.
+  c.evals = standard_evals(
+      res=res, text_len=text_len, zeroshot_data=a.eval_data, zeroshot_split=a.eval_split,
+      zeroshot_data_dir=a.eval_data_dir or a.data_dir, retrieval_data=a.retrieval_data,
+      retrieval_split=a.retrieval_split, data_dir=a.data_dir, text_key=a.text_key,
+      every=c.total_steps if a.runlocal else 5000, batch_size=64 if a.runlocal else 1024)
+  return c

@@ -89,6 +89,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
       ckpt.save(step, state, {**meta_base, "step": step,
                               "examples_seen": step * config.batch_size})
     if stopping:
+      batches.close()
       ckpt.close()
       writer.close()
       return {}
@@ -98,6 +99,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
       progress.exclude(time.perf_counter() - t0)
 
   # ---- end ---------------------------------------------------------------------------
+  batches.close()
   results = run_evaluators(evaluators, state["params"], total, writer, final=True)
   ckpt.close()
   writer.close()

@@ -15,7 +15,7 @@ from big_vlp.tree_paths import leaf_paths
 VOCAB = 40
 
 
-def tiny_config(loss="sigmoid", optimizer="adamw", freeze=()):
+def tiny_config(loss="sigmoid", optimizer="adamw", freeze=(), eps=1e-8):
   return ml_collections.ConfigDict({
       "loss": loss, "total_steps": 10, "freeze": freeze,
       "model": {
@@ -24,7 +24,7 @@ def tiny_config(loss="sigmoid", optimizer="adamw", freeze=()):
           "text": {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "max_len": 8,
                    "pool_type": "last"},
           "embed_dim": 16, "temperature_init": None, "bias_init": None, "max_scale": None},
-      "optim": {"name": optimizer, "lr": 3e-3, "wd": 1e-2, "b1": 0.9, "b2": 0.95,
+      "optim": {"name": optimizer, "lr": 3e-3, "wd": 1e-2, "b1": 0.9, "b2": 0.95, "eps": eps,
                 "grad_clip_norm": 1.0, "schedule": {"name": "cosine", "warmup_steps": 2}},
   })
 
@@ -46,7 +46,7 @@ def run_steps(config, mesh, rules, steps=3):
   _, shardings = train_step.abstract_state(model, tx, rules, mesh, shapes)
   state = train_step.init_state(model, tx, shardings, shapes, seed=0)
   step = train_step.make_train_step(model, tx, config.loss, sched, shardings, mesh)
-  losses = []
+  losses, metrics = [], None
   for i in range(steps):
     state, metrics = step(state, train_step.global_batch(make_batch(i + 1), mesh))
     losses.append(float(metrics["loss"]))
@@ -55,7 +55,11 @@ def run_steps(config, mesh, rules, steps=3):
 
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
 def test_one_device_equals_8_device_mesh(loss):
-  config = tiny_config(loss)
+  # Adam divides by sqrt(v) + eps, so with a tiny eps a gradient at rounding level (e.g.
+  # attention key biases, whose true gradient is exactly zero) becomes a full-size update
+  # whose sign depends on summation order. eps=1e-3 keeps such updates at rounding level
+  # while real gradients (>1e-3) are still normalised as Adam does.
+  config = tiny_config(loss, eps=1e-3)
   rules = [(".*", "fsdp")]
   one = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
   eight = sharding.make_mesh({"data": 2, "fsdp": -1})
@@ -64,13 +68,13 @@ def test_one_device_equals_8_device_mesh(loss):
   s8, l8, _ = run_steps(config, eight, rules)
   np.testing.assert_allclose(l1, l8, rtol=2e-5)
   assert l1[0] != l1[-1]
-  # Attention key biases have an exactly-zero true gradient (softmax over keys ignores a
-  # per-query constant), so Adam turns their rounding noise into updates; skip them.
   for path, a, b in zip(leaf_paths(s1["params"]), jax.tree.leaves(s1["params"]),
                         jax.tree.leaves(s8["params"])):
-    if not path.endswith("key/bias"):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=5e-5,
-                                 err_msg=path)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
+                               err_msg=path)
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+      jax.tree.leaves(s1["params"]), jax.tree.leaves(run_steps(config, one, rules, 0)[0]["params"])))
+  assert moved > 1e-3  # The params did change, so equality above is not vacuous.
 
   # Params really are split as the rule says: largest divisible dim over 'fsdp'.
   kernel = s8["params"]["img"]["embedding"]["kernel"]          # (8, 8, 3, 32)
