@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
@@ -63,6 +63,8 @@ def evaluate(config: Any, workdir: str, step: int | None = None,
 
 def main(argv: list[str]) -> None:
   del argv
+  if not flags.FLAGS["verbosity"].present:  # Hide orbax/tfds INFO chatter unless asked.
+    logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   if not f.workdir:
     raise app.UsageError("--workdir is required")
@@ -75,5 +77,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "The run's directory.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("output", None, "Result file (default WORKDIR/eval_results.json).")
-  flags.FLAGS.set_default("verbosity", -1)  # absl WARNING: hide orbax/tfds INFO chatter.
   app.run(main)

@@ -86,6 +86,10 @@ class Progress:
     self._last_step = start_step
     self._start_step = start_step
 
+  def restart(self, step: int) -> None:
+    """Measures throughput from now and `step` on (e.g. after compilation)."""
+    self._last_t, self._last_step = time.perf_counter(), step
+
   def exclude(self, seconds: float) -> None:
     """Leaves time spent outside training steps (evaluation, saving) out of throughput."""
     self._last_t += seconds

@@ -8,14 +8,16 @@ import os
 import time
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
 
 from big_vlp import checkpoint, config_validation, sharding, train_step
 from big_vlp.metric_writer import MetricWriter, Progress, format_duration
+from big_vlp.evaluators import build_evaluators
 from big_vlp.run_setup import make_input, make_run_spec, make_tokenizer, run_evaluators
+
 
 def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the final evaluator metrics.
@@ -27,6 +29,9 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   config_validation.validate_config(config, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  if is_main:  # The exact config of the run, for the record.
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.mesh)
   ckpt = checkpoint.Checkpointer(workdir, every=config.ckpt_every, keep=config.keep_ckpts)
   start_step = ckpt.latest_step() or 0
@@ -53,7 +58,6 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
                                        shardings, mesh, tuple(batch_shapes))
   writer = MetricWriter(workdir, is_main=is_main)
   writer.truncate_after(start_step)
-  from big_vlp.evaluators import build_evaluators
   evaluators = build_evaluators(config, model, tokenizer, mesh)
   meta_base = {"image_shape": list(batch_shapes["image"].shape[1:]),
                "text_len": int(batch_shapes["text"].shape[1]),
@@ -63,7 +67,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   # ---- loop --------------------------------------------------------------------------
   total = config.total_steps
   progress = Progress(total, start_step, config.batch_size, is_main)
-  wait_s, t_start = 0.0, time.perf_counter()
+  wait_s, t_start, pending = 0.0, time.perf_counter(), {}
   local = first
   for step in range(start_step + 1, total + 1):
     if local is None:
@@ -72,16 +76,20 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
       wait_s += time.perf_counter() - t0
     state, metrics = step_fn(state, train_step.global_batch(local, mesh))
     local = None
-    if step == start_step + 1 and is_main:
+    if step == start_step + 1:  # Compilation: report it, keep it out of img/s.
       jax.block_until_ready(metrics)
-      print(f"first step done {time.perf_counter() - t_start:.1f}s after start of loop "
-            "(includes compilation)", flush=True)
+      first_step_s = time.perf_counter() - t_start
+      progress.restart(step)
+      pending = {"train/first_step_s": first_step_s}  # Goes into the next log event.
+      if is_main:
+        print(f"first step done in {first_step_s:.1f}s (includes compilation)", flush=True)
     if step % config.log_every == 0 or step == total:
       values = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
       values.update({f"train/{k}": v for k, v in progress.measure(step).items()})
       values["train/input_wait_s"] = wait_s
       values["train/examples_seen"] = step * config.batch_size
-      wait_s = 0.0
+      values.update(pending)
+      wait_s, pending = 0.0, {}
       writer.write(step, values)
       progress.show(step, values)
     stopping = stop_at is not None and step >= stop_at and step < total
@@ -104,13 +112,16 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   ckpt.close()
   writer.close()
   if is_main:
-    print(f"done in {format_duration(time.perf_counter() - t_start)}; metrics in "
-          f"{writer.path}; checkpoints in {ckpt.directory}")
+    print(f"done in {format_duration(time.perf_counter() - t_start)}. Final results: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    print(f"metrics: {writer.path}\ncheckpoints: {ckpt.directory}")
   return results
 
 
 def main(argv: list[str]) -> None:
   del argv
+  if not flags.FLAGS["verbosity"].present:  # Hide orbax/tfds INFO chatter unless asked.
+    logging.set_verbosity(logging.WARNING)
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   train(flags.FLAGS.config, flags.FLAGS.workdir)
@@ -120,5 +131,4 @@ if __name__ == "__main__":
   # Flags live here so that importing this module (tests, evaluate) defines none.
   config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-  flags.FLAGS.set_default("verbosity", -1)  # absl WARNING: hide orbax/tfds INFO chatter.
   app.run(main)
