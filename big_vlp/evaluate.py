@@ -10,15 +10,16 @@ import json
 import os
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 import jax
 
 from big_vlp import checkpoint, sharding
 from big_vlp.config_errors import ConfigError
+from big_vlp.evaluators import build_evaluators
 from big_vlp.metric_writer import MetricWriter
-from big_vlp.run_setup import make_run_spec, make_tokenizer, run_evaluators
+from big_vlp.run_setup import cli_workdir, make_run_spec, make_tokenizer, run_evaluators
 
 def evaluate(config: Any, workdir: str, step: int | None = None,
              output: str | None = None) -> dict[str, Any]:
@@ -43,7 +44,6 @@ def evaluate(config: Any, workdir: str, step: int | None = None,
   state, _ = ckpt.restore(step, spec.abstract_state)
   ckpt.close()
 
-  from big_vlp.evaluators import build_evaluators
   evaluators = build_evaluators(config, spec.model, tokenizer, mesh)
   writer = MetricWriter(workdir, is_main=False)  # The file below is the record; no jsonl.
   flat = run_evaluators(evaluators, state["params"], step, writer, final=True)
@@ -63,12 +63,8 @@ def evaluate(config: Any, workdir: str, step: int | None = None,
 
 def main(argv: list[str]) -> None:
   del argv
-  if not flags.FLAGS["verbosity"].present:  # Hide orbax/tfds INFO chatter unless asked.
-    logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
-  if not f.workdir:
-    raise app.UsageError("--workdir is required")
-  evaluate(f.config, f.workdir, f.step, f.output)
+  evaluate(f.config, cli_workdir(), f.step, f.output)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import sys
 import time
 from typing import Any, NamedTuple
 
+from absl import app, flags, logging
 import jax
 from jax.sharding import Mesh
 
@@ -77,3 +78,12 @@ def run_evaluators(evaluators: dict[str, Any], params: Any, step: int, writer: M
   if results:
     writer.write(step, results)
   return results
+
+
+def cli_workdir() -> str:
+  """Shared start of the CLIs: quiet absl logging unless --verbosity given; --workdir set."""
+  if not flags.FLAGS["verbosity"].present:  # Hide orbax/tfds INFO chatter unless asked.
+    logging.set_verbosity(logging.WARNING)
+  if not flags.FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  return flags.FLAGS.workdir

@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 import jax
@@ -16,7 +16,8 @@ import jax
 from big_vlp import checkpoint, config_validation, sharding, train_step
 from big_vlp.metric_writer import MetricWriter, Progress, format_duration
 from big_vlp.evaluators import build_evaluators
-from big_vlp.run_setup import make_input, make_run_spec, make_tokenizer, run_evaluators
+from big_vlp.run_setup import (cli_workdir, make_input, make_run_spec, make_tokenizer,
+                               run_evaluators)
 
 
 def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, float]:
@@ -120,11 +121,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
 
 def main(argv: list[str]) -> None:
   del argv
-  if not flags.FLAGS["verbosity"].present:  # Hide orbax/tfds INFO chatter unless asked.
-    logging.set_verbosity(logging.WARNING)
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
-  train(flags.FLAGS.config, flags.FLAGS.workdir)
+  train(flags.FLAGS.config, cli_workdir())
 
 
 if __name__ == "__main__":
