@@ -97,7 +97,9 @@ class Progress:
   def measure(self, step: int) -> dict[str, float]:
     """Throughput since the last call and the ETA for the remaining steps."""
     now = time.perf_counter()
-    steps = max(step - self._last_step, 1)
+    if step <= self._last_step:  # Empty window (e.g. right after compilation): no rate.
+      return {"elapsed_s": now - self._t0}
+    steps = step - self._last_step
     dt = max(now - self._last_t, 1e-9)
     self._last_t, self._last_step = now, step
     step_time = dt / steps

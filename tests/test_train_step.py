@@ -143,3 +143,14 @@ def test_other_optimizers_learn(optimizer):
   _, losses, metrics = run_steps(config, mesh, [(".*", "fsdp")], steps=3)
   assert np.isfinite(losses).all()
   assert set(metrics) >= {"loss", "lr", "temperature", "bias", "pos_logit", "neg_logit"}
+
+
+def test_progress_throughput_window():
+  from big_vlp.metric_writer import Progress
+  p = Progress(total_steps=10, start_step=0, global_batch=8)
+  p.restart(1)
+  assert "img_per_sec" not in p.measure(1)  # Nothing measured yet: no made-up rate.
+  p.exclude(-0.5)  # As if 0.5 s had passed since the restart.
+  m = p.measure(3)
+  assert 0.2 < m["step_time_s"] < 0.5 and abs(m["img_per_sec"] - 8 / m["step_time_s"]) < 1e-6
+  assert abs(m["eta_s"] - 7 * m["step_time_s"]) < 1e-6
