@@ -19,23 +19,26 @@ from big_vlp.tree_paths import leaf_paths, map_with_path
 State = dict[str, Any]
 
 
+def _init_params(model: nn.Module, rng: jax.Array,
+                 batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Any:
+  image, text = batch_shapes["image"], batch_shapes["text"]
+  return model.init(rng, jnp.zeros(image.shape, image.dtype),
+                    jnp.zeros(text.shape, text.dtype))["params"]
+
+
 def abstract_params(model: nn.Module, batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Any:
   """Parameter shapes/dtypes without allocating them."""
-  def init(rng):
-    return model.init(rng, jnp.zeros(batch_shapes["image"].shape, batch_shapes["image"].dtype),
-                      jnp.zeros(batch_shapes["text"].shape, batch_shapes["text"].dtype))["params"]
-  return jax.eval_shape(init, jax.random.PRNGKey(0))
+  return jax.eval_shape(lambda rng: _init_params(model, rng, batch_shapes),
+                        jax.random.PRNGKey(0))
 
 
-def state_shardings(abstract_state: State, tx: optax.GradientTransformation, rules: Any,
-                    mesh: Mesh) -> State:
+def state_shardings(abstract_state: State, rules: Any, mesh: Mesh) -> State:
   """Shardings of every state leaf: params by the rules, optimizer moments like their param.
 
   An optimizer-state leaf takes the sharding of the parameter whose path its own path ends
   with, if the shapes agree (Adam moments); anything else (counts, Adafactor's factored
   row/column statistics) is small and replicated.
   """
-  del tx  # The state's own paths and shapes say which leaves mirror a parameter.
   param_sh = sharding.param_shardings(abstract_state["params"], rules, mesh)
   by_path = {path: (leaf.shape, sh) for path, leaf, sh in zip(
       leaf_paths(abstract_state["params"]), jax.tree.leaves(abstract_state["params"]),
@@ -58,9 +61,7 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation,
              batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Callable[[jax.Array], State]:
   def init(rng):
     init_rng, train_rng = jax.random.split(rng)
-    params = model.init(
-        init_rng, jnp.zeros(batch_shapes["image"].shape, batch_shapes["image"].dtype),
-        jnp.zeros(batch_shapes["text"].shape, batch_shapes["text"].dtype))["params"]
+    params = _init_params(model, init_rng, batch_shapes)
     return {"params": params, "opt_state": tx.init(params),
             "step": jnp.zeros((), jnp.int32), "rng": train_rng}
   return init
@@ -70,7 +71,7 @@ def abstract_state(model: nn.Module, tx: optax.GradientTransformation, rules: An
                    batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> tuple[State, State]:
   """(shape/dtype/sharding tree of the state, its shardings), allocating nothing."""
   shapes = jax.eval_shape(_init_fn(model, tx, batch_shapes), jax.random.PRNGKey(0))
-  shardings = state_shardings(shapes, tx, rules, mesh)
+  shardings = state_shardings(shapes, rules, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           shapes, shardings)
   return abstract, shardings

@@ -55,6 +55,13 @@ class Encoders:
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
+def eval_batches(data: Any, cfg: Any, tokenizer: Any) -> Iterator[dict[str, np.ndarray]]:
+  """The evaluator's split, pre-processed by cfg.pp, without the padding rows."""
+  return iterate_unpadded(data.eval_iterator(
+      name=cfg.data, split=cfg.split, data_dir=cfg.get("data_dir"), pp=cfg.pp,
+      tokenizer=tokenizer, batch_size=cfg.batch_size))
+
+
 def iterate_unpadded(batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
   """Drops the padding rows (``_mask`` False) that make the last eval batch full size."""
   for b in batches:

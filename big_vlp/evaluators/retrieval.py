@@ -4,7 +4,7 @@ from typing import Any
 
 import numpy as np
 
-from big_vlp.evaluators.common import Encoders, iterate_unpadded
+from big_vlp.evaluators.common import Encoders, eval_batches
 
 
 def recall_at_k(sim: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
@@ -32,10 +32,7 @@ class Retrieval:
   def run(self, params: Any) -> dict[str, float]:
     """Returns i2t_r{1,5,10} and t2i_r{1,5,10}."""
     zimg, ztxt = [], []
-    batches = self.data.eval_iterator(
-        name=self.cfg.data, split=self.cfg.split, data_dir=self.cfg.get("data_dir"),
-        pp=self.cfg.pp, tokenizer=self.tokenizer, batch_size=self.cfg.batch_size)
-    for b in iterate_unpadded(batches):
+    for b in eval_batches(self.data, self.cfg, self.tokenizer):
       zimg.append(self.encoders.images(params, b["image"]))
       ztxt.append(self.encoders.texts(params, b["text"]))
     zimg, ztxt = np.concatenate(zimg), np.concatenate(ztxt)

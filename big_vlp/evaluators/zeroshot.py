@@ -4,7 +4,7 @@ from typing import Any
 
 import numpy as np
 
-from big_vlp.evaluators.common import Encoders, iterate_unpadded
+from big_vlp.evaluators.common import Encoders, eval_batches
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -51,10 +51,7 @@ class ZeroShot:
     zcls = class_embeddings(self.encoders, params, self.tokenizer, self.class_names,
                             self.templates, self.text_len)
     logits, labels = [], []
-    batches = self.data.eval_iterator(
-        name=self.cfg.data, split=self.cfg.split, data_dir=self.cfg.get("data_dir"),
-        pp=self.cfg.pp, tokenizer=self.tokenizer, batch_size=self.cfg.batch_size)
-    for b in iterate_unpadded(batches):
+    for b in eval_batches(self.data, self.cfg, self.tokenizer):
       logits.append(self.encoders.images(params, b["image"]) @ zcls.T)
       labels.append(b[self.label_key])
     return topk_metrics(np.concatenate(logits), np.concatenate(labels).astype(np.int64),
