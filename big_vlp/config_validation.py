@@ -31,6 +31,36 @@ def _check_tower(cfg: Any, field: str, pools: tuple[str, ...]) -> None:
   check_choice(f"{field}.dtype", cfg.get("dtype", "float32"), DTYPES)
 
 
+MIXTURE_FIELDS = ("name", "split", "data_dir", "weight", "pp")
+
+
+def _check_data(config: Any) -> None:
+  """`config.data`: one dataset (name) or a mixture, and the stream's knobs."""
+  dc = config.data
+  mixture = dc.get("mixture")
+  if not mixture and not dc.get("name"):
+    fail("data.name", dc.get("name"), "must name a tfds dataset (or give data.mixture)")
+  for label, m in (mixture or {}).items():
+    if not hasattr(m, "keys"):
+      fail(f"data.mixture.{label}", m, "must be a dict with fields " + ", ".join(MIXTURE_FIELDS))
+    unknown = sorted(set(m.keys()) - set(MIXTURE_FIELDS))
+    if unknown:
+      fail(f"data.mixture.{label}", dict(m), f"unknown field(s) {', '.join(unknown)}; "
+           "allowed: " + ", ".join(MIXTURE_FIELDS))
+    if not m.get("name"):
+      fail(f"data.mixture.{label}.name", m.get("name"), "must name a tfds dataset")
+    weight = m.get("weight", 1.0)
+    if (isinstance(weight, bool) or not isinstance(weight, (int, float))
+        or not (0 < weight < math.inf)):
+      fail(f"data.mixture.{label}.weight", weight, "must be a positive number")
+  for field in ("shuffle_buffer", "block_size"):
+    if field in dc:
+      _positive_int(config, f"data.{field}")
+  skip = dc.get("max_skip_fraction", 0.5)
+  if isinstance(skip, bool) or not isinstance(skip, (int, float)) or not 0 <= skip <= 1:
+    fail("data.max_skip_fraction", skip, "must be a number in [0, 1]")
+
+
 def validate_config(config: Any, num_devices: int, process_count: int = 1) -> None:
   """Raises ConfigError for the first invalid field of a training config."""
   missing = [f for f in REQUIRED if f not in config]
@@ -41,6 +71,7 @@ def validate_config(config: Any, num_devices: int, process_count: int = 1) -> No
   for field in ("log_every", "ckpt_every", "keep_ckpts"):
     _positive_int(config, field)
   check_choice("loss", config.loss, losses.LOSSES)
+  _check_data(config)
   check_choice("optim.name", config.optim.name, optim.OPTIMIZERS)
   check_choice("optim.schedule.name", config.optim.schedule.name, optim.SCHEDULES)
   warmup = config.optim.schedule.get("warmup_steps", 0)

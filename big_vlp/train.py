@@ -16,8 +16,8 @@ import jax
 from big_vlp import checkpoint, config_validation, sharding, train_step
 from big_vlp.metric_writer import MetricWriter, Progress, format_duration
 from big_vlp.evaluators import build_evaluators
-from big_vlp.run_setup import (cli_workdir, make_input, make_run_spec, make_tokenizer,
-                               run_evaluators)
+from big_vlp.run_setup import (cli_workdir, data_sources, gather_stream_states, make_input,
+                               make_run_spec, make_tokenizer, resume_position, run_evaluators)
 
 
 def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, float]:
@@ -39,7 +39,11 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   local_batch = config.batch_size // jax.process_count()
 
   tokenizer = make_tokenizer(config, workdir)
-  batches = make_input(config, tokenizer, start_example=start_step * local_batch)
+  start = 0
+  if start_step:
+    start = resume_position(ckpt.restore_meta(start_step), data_sources(config.data),
+                            start_step, local_batch)
+  batches = make_input(config, tokenizer, start)
   first = next(batches)
   batch_shapes = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype)
                   for k, v in first.items()}
@@ -89,6 +93,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
       values.update({f"train/{k}": v for k, v in progress.measure(step).items()})
       values["train/input_wait_s"] = wait_s
       values["train/examples_seen"] = step * config.batch_size
+      values.update({f"data/{k}": v for k, v in batches.stats().items()})
       values.update(pending)
       wait_s, pending = 0.0, {}
       writer.write(step, values)
@@ -96,7 +101,8 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
     stopping = stop_at is not None and step >= stop_at and step < total
     if ckpt.should_save(step, total) or stopping:
       ckpt.save(step, state, {**meta_base, "step": step,
-                              "examples_seen": step * config.batch_size})
+                              "examples_seen": step * config.batch_size,
+                              "data_streams": gather_stream_states(batches.state())})
     if stopping:
       batches.close()
       ckpt.close()

@@ -1,17 +1,13 @@
-"""tf.data input pipelines: infinite, exactly resumable training streams and padded eval sets.
+"""Dataset access (tfds builders, splits, process slices) and the padded evaluation input.
 
-Training stream, per process: the process's slice of the split is read in file order, each
-epoch is shuffled with a seed derived from (seed, epoch), epochs are concatenated and the
-stream is batched across epoch boundaries. Example number n of the stream therefore depends
-only on (seed, process slice, n), which is what makes `start_example` resume exact: the
-records before it are skipped before any decoding, and every example's augmentation seed is
-derived from its position n rather than from iterator state.
+The training stream (seekable shuffling, mixtures, dropped bad examples, exact resume) is
+in `big_vlp.data.stream`; `train_iterator` here is its one-dataset form.
 """
 
 import atexit
 import os
 import re
-from typing import Iterator
+from typing import Any, Iterator
 import weakref
 
 import numpy as np
@@ -33,7 +29,7 @@ class BatchIterator:
 
   def __init__(self, ds: tf.data.Dataset):
     self._it = ds.as_numpy_iterator()
-    _LIVE_ITERATORS.add(self)
+    register_live_iterator(self)
 
   def __iter__(self) -> "BatchIterator":
     return self
@@ -51,8 +47,13 @@ class BatchIterator:
 # A tf.numpy_function (SentencePiece tokenization) still running in a tf.data thread while
 # Python shuts down aborts the process ("terminate called without an active exception"),
 # so every live pipeline is released before interpreter teardown.
-_LIVE_ITERATORS: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
+_LIVE_ITERATORS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 atexit.register(lambda: [it.close() for it in list(_LIVE_ITERATORS)])
+
+
+def register_live_iterator(iterator: Any) -> None:
+  """Makes sure `iterator.close()` runs before interpreter teardown."""
+  _LIVE_ITERATORS.add(iterator)
 
 
 def _data_dir(data_dir: str | None) -> str:
@@ -92,7 +93,7 @@ def get_builder(name: str, data_dir: str | None, *,
   return builder
 
 
-def _check_split(builder: tfds.core.DatasetBuilder, split: str, field: str) -> None:
+def check_split(builder: tfds.core.DatasetBuilder, split: str, field: str) -> None:
   """Raises ConfigError unless every split named in `split` (e.g. 'train[:90%]') exists."""
   present = list(builder.info.splits.keys())
   for part in split.split("+"):
@@ -106,7 +107,7 @@ def _check_split(builder: tfds.core.DatasetBuilder, split: str, field: str) -> N
     fail(field, split, f"cannot be read: {e}")
 
 
-def _process_split(builder, split: str, process_index: int, process_count: int) -> str:
+def process_split(split: str, process_index: int, process_count: int) -> Any:
   """This process's disjoint, contiguous part of `split`."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count})")
@@ -134,7 +135,7 @@ def _stream_key(seed: int, process_index: int) -> int:
 def num_examples(name: str, split: str, data_dir: str | None) -> int:
   """Number of examples in `split` (slicing syntax allowed)."""
   builder = get_builder(name, data_dir)
-  _check_split(builder, split, "data.split")
+  check_split(builder, split, "data.split")
   return builder.info.splits[split].num_examples
 
 
@@ -156,7 +157,7 @@ def iterate_texts(name: str, split: str, data_dir: str | None, key: str = "capti
                   limit: int | None = None) -> Iterator[str]:
   """Yields the strings of feature `key` (each one of a list), e.g. to train a tokenizer."""
   builder = get_builder(name, data_dir)
-  _check_split(builder, split, "data.split")
+  check_split(builder, split, "data.split")
   if key not in builder.info.features:
     fail("data.text_key", key, f"dataset {name!r} has no feature of that name; features: "
          + ", ".join(builder.info.features.keys()))
@@ -173,64 +174,27 @@ def iterate_texts(name: str, split: str, data_dir: str | None, key: str = "capti
 
 def _options() -> tf.data.Options:
   options = tf.data.Options()
-  options.deterministic = True  # Parallel maps must keep the order for exact resume.
+  options.deterministic = True  # Parallel maps must keep the order.
   return options
 
 
 def train_iterator(*, name: str, split: str, data_dir: str | None, pp: str,
-                   tokenizer: Tokenizer | None,
-                   local_batch_size: int, seed: int, start_example: int = 0,
-                   process_index: int = 0, process_count: int = 1,
-                   shuffle_buffer: int = 50_000, prefetch: int = 2,
-                   config_prefix: str = "data") -> BatchIterator:
-  """Infinite stream of this process's numpy batches, from example `start_example` on.
+                   tokenizer: Tokenizer | None, local_batch_size: int, seed: int,
+                   start_example: int = 0, process_index: int = 0, process_count: int = 1,
+                   shuffle_buffer: int = 50_000, config_prefix: str = "data",
+                   **kwargs) -> Any:
+  """Infinite stream of this process's numpy batches of one dataset (see `stream`).
 
   Resuming with start_example = k * local_batch_size yields exactly the batches that a
-  stream started at 0 yields from batch k on. Config errors name `{config_prefix}.<field>`.
+  stream started at 0 yields from batch k on, when no example was dropped; for the general
+  case pass `start=` a `stream.StreamState`. Config errors name `{config_prefix}.<field>`.
   """
-  builder = get_builder(name, data_dir, field=f"{config_prefix}.name")
-  _check_split(builder, split, f"{config_prefix}.split")
-  preprocess = ops.get_preprocess_fn(pp, tokenizer, field=f"{config_prefix}.pp")
-  local_split = _process_split(builder, split, process_index, process_count)
-  epoch_size = builder.info.splits[local_split].num_examples
-  if epoch_size == 0:
-    fail(f"{config_prefix}.split", split, f"process {process_index} of {process_count} gets "
-         "no examples")
-  if start_example < 0:
-    raise ValueError(f"start_example must be >= 0, got {start_example}")
-  key = _stream_key(seed, process_index)
-  first_epoch, skip_in_first = divmod(start_example, epoch_size)
-  records = _read(builder, local_split)
-
-  def epoch(index: tf.Tensor) -> tf.data.Dataset:
-    epoch_seed = tf.random.stateless_uniform(
-        [], seed=tf.stack([tf.constant(key, tf.int64), index]), minval=None, maxval=None,
-        dtype=tf.int64)
-    shuffled = records.shuffle(min(shuffle_buffer, epoch_size), seed=epoch_seed,
-                               reshuffle_each_iteration=False)
-    skip = tf.where(index == first_epoch, tf.constant(skip_in_first, tf.int64), 0)
-    return shuffled.skip(skip)
-
-  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
-  # Each new epoch's shuffle buffer must fill before it yields anything; read-ahead of
-  # still-encoded records keeps the trainer fed through that pause.
-  ds = ds.prefetch(min(8 * local_batch_size, 4096))
-  positions = tf.data.Dataset.range(start_example, np.iinfo(np.int64).max)
-
-  def attach_seed(position, example):
-    example = dict(example)
-    example[ops.SEED_KEY] = tf.stack([tf.constant(key, tf.int64), position])
-    return example
-
-  ds = tf.data.Dataset.zip(positions, ds).map(attach_seed)
-  ds = ds.map(lambda ex: _without_seed(preprocess(ex)), num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=True)
-  ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(prefetch)
-  return BatchIterator(ds.with_options(_options()))
-
-
-def _without_seed(example: ops.Example) -> ops.Example:
-  return {k: v for k, v in example.items() if k != ops.SEED_KEY}
+  from big_vlp.data import stream  # pylint: disable=import-outside-toplevel
+  source = stream.Source(name=name, split=split, data_dir=data_dir, field=config_prefix)
+  return stream.train_iterator(
+      [source], pp=pp, tokenizer=tokenizer, local_batch_size=local_batch_size, seed=seed,
+      start=kwargs.pop("start", start_example), process_index=process_index,
+      process_count=process_count, shuffle_buffer=shuffle_buffer, **kwargs)
 
 
 def eval_iterator(*, name: str, split: str, data_dir: str | None, pp: str,
@@ -243,9 +207,9 @@ def eval_iterator(*, name: str, split: str, data_dir: str | None, pp: str,
   yield the same number of batches, so multi-host evaluation loops stay in lock-step.
   """
   builder = get_builder(name, data_dir, field=f"{config_prefix}.name")
-  _check_split(builder, split, f"{config_prefix}.split")
+  check_split(builder, split, f"{config_prefix}.split")
   preprocess = ops.get_preprocess_fn(pp, tokenizer, field=f"{config_prefix}.pp")
-  sizes = [builder.info.splits[_process_split(builder, split, i, process_count)].num_examples
+  sizes = [builder.info.splits[process_split(split, i, process_count)].num_examples
            for i in range(process_count)]
   num_batches = -(-max(sizes) // batch_size)
   key = _stream_key(0, process_index)
@@ -253,12 +217,12 @@ def eval_iterator(*, name: str, split: str, data_dir: str | None, pp: str,
   def prepare(position, example):
     example = dict(example)
     example[ops.SEED_KEY] = tf.stack([tf.constant(key, tf.int64), position])
-    example = _without_seed(preprocess(example))
+    example = {k: v for k, v in preprocess(example).items() if k != ops.SEED_KEY}
     example[MASK_KEY] = tf.constant(True)
     return example
 
   ds = tf.data.Dataset.zip(tf.data.Dataset.range(np.iinfo(np.int64).max),
-                           _read(builder, _process_split(builder, split, process_index,
+                           _read(builder, process_split(split, process_index,
                                                          process_count)))
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   padding = num_batches * batch_size - sizes[process_index]
