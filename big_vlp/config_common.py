@@ -1,5 +1,6 @@
 """Pieces shared by the configs in configs/: evaluators, optional fields, pod recipes."""
 
+import re
 from typing import Any
 
 import ml_collections
@@ -36,6 +37,30 @@ def standard_evals(*, res: int, text_len: int, zeroshot_data: str, zeroshot_spli
           "pp": img_pp(res) + "|" + text_pp(text_len, text_key) + "|keep('image','text')",
           "every": every, "batch_size": batch_size},
   })
+
+
+def data_config(data: str, *, data_dir: str | None, text_key: str, pp: str,
+                shuffle_buffer: int, split: str = "train") -> ml_collections.ConfigDict:
+  """`config.data` for one dataset or a mixture written `NAME[:WEIGHT]+NAME[:WEIGHT]...`.
+
+  A mixture becomes `data.mixture.<label>` entries (name, weight; split and data_dir are
+  inherited from `data`), which can then be edited one by one from the command line.
+  """
+  c = ml_collections.ConfigDict({
+      "name": data, "split": split, "data_dir": opt_str(data_dir), "text_key": text_key,
+      "shuffle_buffer": shuffle_buffer, "pp": pp, "max_skip_fraction": 0.5})
+  parts = [p.strip() for p in data.split("+")]
+  if len(parts) > 1 or ":" in data:
+    mixture = {}
+    for part in parts:
+      name, _, weight = part.partition(":")
+      label = re.sub(r"\W+", "_", name).strip("_")
+      while label in mixture:
+        label += "_"
+      mixture[label] = {"name": name, "weight": float(weight) if weight else 1.0}
+    c.name = parts[0].partition(":")[0]  # For the record; the mixture is what is read.
+    c.mixture = mixture
+  return c
 
 
 def opt_str(value: str | None) -> Any:
@@ -88,11 +113,11 @@ def pod_config(arg: str | None, *, loss: str, tokenizer: str, examples: int, tex
   c.total_steps = max(1, a.examples // a.batch)
   c.loss = loss
   c.tokenizer = a.tokenizer
-  c.data = ml_collections.ConfigDict({
-      "name": a.data, "split": "train", "data_dir": opt_str(a.data_dir),
-      "text_key": a.text_key, "shuffle_buffer": 1000 if a.runlocal else 250_000,
-      "pp": (f"decode|resize({res})|value_range(-1,1)|{text_pp(text_len, a.text_key)}"
-             "|keep('image','text')")})
+  c.data = data_config(
+      a.data, data_dir=a.data_dir, text_key=a.text_key,
+      shuffle_buffer=1000 if a.runlocal else 250_000,
+      pp=(f"decode|resize({res})|value_range(-1,1)|{text_pp(text_len, a.text_key)}"
+          "|keep('image','text')"))
   c.model = ml_collections.ConfigDict({
       "image": image, "text": text, "embed_dim": embed_dim,
       "temperature_init": opt_float(), "bias_init": opt_float(),

@@ -31,7 +31,7 @@ def data_sources(dc: Any) -> list[Any]:
     sources.append(Source(
         name=m["name"], split=m.get("split") or dc.get("split", "train"),
         data_dir=m.get("data_dir") or dc.get("data_dir"), weight=float(m.get("weight", 1.0)),
-        pp=m.get("pp"), field=f"data.mixture.{label}"))
+        pp=m.get("pp"), field=f"data.mixture.{label}", label=label))
   return sources
 
 
@@ -84,7 +84,7 @@ def resume_position(meta: dict[str, Any], sources: list[Any], step: int,
   the checkpoint holds none that fits (older checkpoint, other process count or sources)."""
   from big_vlp.data.stream import StreamState
   states = meta.get("data_streams")
-  labels = [s.label for s in sources]
+  labels = [s.id for s in sources]
   if states and len(states) == jax.process_count():
     state = StreamState.from_json(states[jax.process_index()])
     if state.sources == labels:

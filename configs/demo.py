@@ -4,7 +4,8 @@
   python -m big_vlp.train --config configs/demo.py:loss=softmax,steps=500 --workdir ...
 
 Arguments: loss=sigmoid|softmax, steps, batch, seed, data / data_dir (a tfds image-caption
-dataset, default the embedded 'big_vlp_shapes'), eval_data / eval_data_dir / eval_split (a
+dataset, default the embedded 'big_vlp_shapes'; a weighted mixture is written
+`data=NAME:3+OTHER:1`), eval_data / eval_data_dir / eval_split (a
 labelled tfds dataset for zero-shot), retrieval_data / retrieval_split, text_key, tokenizer,
 res (image size), runlocal (tiny and fast, for debugging).
 """
@@ -12,7 +13,8 @@ res (image size), runlocal (tiny and fast, for debugging).
 import ml_collections
 
 from big_vlp.config_args import parse_arg
-from big_vlp.config_common import opt_float, opt_str, run_fields, standard_evals, text_pp
+from big_vlp.config_common import (data_config, opt_float, run_fields, standard_evals,
+                                   text_pp)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -32,11 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss = a.loss
   c.tokenizer = a.tokenizer
 
-  c.data = ml_collections.ConfigDict({
-      "name": a.data, "split": "train", "data_dir": opt_str(a.data_dir),
-      "text_key": a.text_key, "shuffle_buffer": 50_000,
-      "pp": (f"decode|resize({a.res})|value_range(-1,1)|{text_pp(text_len, a.text_key)}"
-             "|keep('image','text')")})
+  c.data = data_config(
+      a.data, data_dir=a.data_dir, text_key=a.text_key, shuffle_buffer=50_000,
+      pp=(f"decode|resize({a.res})|value_range(-1,1)|{text_pp(text_len, a.text_key)}"
+          "|keep('image','text')"))
 
   # Width 128 with 8-pixel patches (64 tokens) costs about what width 192 with 16-pixel
   # patches does and learns positions and sizes much better (retrieval R@10 0.39 vs 0.12).
@@ -66,7 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   run_fields(c, log_every=max(1, min(50, a.steps // 20)), ckpt_every=every)
   c.evals = standard_evals(
       res=a.res, text_len=text_len, zeroshot_data=a.eval_data, zeroshot_split=a.eval_split,
-      zeroshot_data_dir=a.eval_data_dir or a.data_dir, retrieval_data=a.retrieval_data or a.data,
+      zeroshot_data_dir=a.eval_data_dir or a.data_dir,
+      retrieval_data=a.retrieval_data or c.data.name,
       retrieval_split=a.retrieval_split, data_dir=a.data_dir, text_key=a.text_key,
       every=every, batch_size=256)
   return c

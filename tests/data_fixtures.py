@@ -1,8 +1,10 @@
-"""Fixtures shared by the data tests: the `small` shapes dataset, built once per session."""
+"""Fixtures shared by the data tests: the `small` shapes dataset, built once per session,
+and a `fail_on_label` pp op that makes chosen examples fail like undecodable images do."""
 
 import pytest
+import tensorflow as tf
 
-from big_vlp.data import shapes
+from big_vlp.data import ops, shapes
 
 SMALL = "big_vlp_shapes/small"
 _BUILT: dict[str, str] = {}
@@ -17,3 +19,13 @@ def shapes_dir(tmp_path_factory) -> str:
     shapes.ensure_built(data_dir, "small")
     _BUILT["dir"] = data_dir
   return _BUILT["dir"]
+
+
+@ops.register("fail_on_label")
+def fail_on_label(*labels):
+  """Test op: raises (as decoding a corrupt image would) on examples with these labels."""
+  def fn(example):
+    ok = tf.reduce_all(tf.not_equal(tf.cast(example["label"], tf.int64), list(labels)))
+    with tf.control_dependencies([tf.debugging.Assert(ok, ["bad example"])]):
+      return {**example, "label": tf.identity(example["label"])}
+  return fn

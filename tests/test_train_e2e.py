@@ -82,7 +82,11 @@ def test_cli_reports_config_error(tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, shapes_dir):
-  config = demo_config(shapes_dir, "steps=12")
+  # A mixture of two sources where some examples fail pre-processing (dropped, counted):
+  # the checkpoint must hold each source's exact stream position.
+  config = demo_config(shapes_dir, f"steps=12,data={SMALL}:3+{SMALL}:1")
+  config.data.mixture.big_vlp_shapes_small_.split = "val"
+  config.data.pp = "fail_on_label(0, 5, 9, 30)|" + config.data.pp
   config.ckpt_every = 4
   config.log_every = 1
   config.evals = {}
@@ -100,6 +104,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, shapes_dir):
   losses_b = {m["step"]: m["train/loss"] for m in events_b}
   assert losses_a == losses_b and sorted(losses_a) == list(range(1, 13))
   assert [m["step"] for m in events_b] == list(range(1, 13))  # No duplicated events.
+  skipped_a = [m["data/skipped"] for m in read_metrics(str(tmp_path / "straight"))]
+  assert skipped_a == [m["data/skipped"] for m in events_b] and skipped_a[-1] > 0
 
 
 @pytest.mark.parametrize("recipe", ["siglip_b16", "clip_b16"])

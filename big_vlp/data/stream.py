@@ -48,10 +48,11 @@ class Source:
   weight: float = 1.0
   pp: str | None = None
   field: str = "data"  # Config prefix that errors name, e.g. 'data.mixture.laion'.
+  label: str = ""  # Names the source in metrics and stream states; default 'name:split'.
 
   @property
-  def label(self) -> str:
-    return f"{self.name}:{self.split}"
+  def id(self) -> str:
+    return self.label or f"{self.name}:{self.split}"
 
 
 @dataclasses.dataclass
@@ -69,7 +70,7 @@ class StreamState:
     positions = np.floor(examples * weights / weights.sum()).astype(np.int64)
     positions[0] += examples - positions.sum()  # Exact for one source.
     return cls(examples, [int(p) for p in positions], [0] * len(sources),
-               [s.label for s in sources])
+               [s.id for s in sources])
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -238,7 +239,7 @@ def _check_pp(stream: _SourceStream, prepare: Callable, source: Source, field: s
       errors.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0]}")
   if records:
     fail(field, pp, f"fails on every one of the first {len(records)} examples of "
-         f"{source.label!r}, so every example would be dropped; first error: {errors[0]}")
+         f"{source.id!r}, so every example would be dropped; first error: {errors[0]}")
 
 
 def _source_dataset(j: int, source: Source, *, pp: str, tokenizer: Any, seed: int,
@@ -255,7 +256,7 @@ def _source_dataset(j: int, source: Source, *, pp: str, tokenizer: Any, seed: in
   blocks = make_blocks(builder.info.splits[local_split].file_instructions, block_size)
   if blocks.epoch_size == 0:
     fail(f"{source.field}.split", source.split,
-         f"process {process_index} of {process_count} gets no examples of {source.label!r}")
+         f"process {process_index} of {process_count} gets no examples of {source.id!r}")
   window_blocks = max(1, min(len(blocks.takes), shuffle_buffer // block_size))
   stream = _SourceStream(blocks, str(builder.info.file_format.value), _key(
       seed, process_index, j), window_blocks, block_size)
@@ -302,9 +303,9 @@ def train_iterator(sources: Sequence[Source], *, pp: str, tokenizer: Any,
     if start < 0:
       raise ValueError(f"start must be >= 0, got {start}")
     start = StreamState.start(sources, start)
-  if start.sources != [s.label for s in sources]:
+  if start.sources != [s.id for s in sources]:
     raise ValueError(f"stream state is for sources {start.sources}, not "
-                     f"{[s.label for s in sources]}")
+                     f"{[s.id for s in sources]}")
   datasets = [
       _source_dataset(j, s, pp=pp, tokenizer=tokenizer, seed=seed, position=start.positions[j],
                       process_index=process_index, process_count=process_count,
@@ -370,7 +371,7 @@ class TrainIterator:
       dropped = self._state.skipped[j] - self._start_skipped[j]
       if read >= self._min_check and dropped > self._max_skip * read:
         raise DataError(
-            f"{dropped} of the {read} examples read from {source.label!r} since start were "
+            f"{dropped} of the {read} examples read from {source.id!r} since start were "
             f"dropped because pre-processing failed on them (undecodable images or similar); "
             f"more than data.max_skip_fraction={self._max_skip}. Check the dataset (e.g. "
             "rebuild it with tools/build_dataset.py, which validates every image) or the pp.")
@@ -388,8 +389,8 @@ class TrainIterator:
            "skipped_fraction": float(sum(st.skipped)) / max(read, 1)}
     if len(self._sources) > 1:
       for j, s in enumerate(self._sources):
-        out[f"skipped/{s.label}"] = float(st.skipped[j])
-        out[f"examples/{s.label}"] = float(st.positions[j] - st.skipped[j])
+        out[f"skipped/{s.id}"] = float(st.skipped[j])
+        out[f"examples/{s.id}"] = float(st.positions[j] - st.skipped[j])
     return out
 
   def close(self) -> None:
