@@ -130,3 +130,50 @@ def test_build_tokenizer_trains_once_then_reuses_workdir_model(tmp_path, caption
   np.testing.assert_array_equal(again.encode(captions[:5], 16), tok.encode(captions[:5], 16))
   # A resumed run or `evaluate` may not have the texts at hand at all.
   tokenizers.build_tokenizer("sp_train:300", workdir=str(tmp_path))
+
+
+@pytest.mark.parametrize("size", [32_000, 250_000])
+def test_published_size_vocabulary_loads_and_encodes_in_tf_data(tmp_path, sp_model, size):
+  # Stand-in for a published model (32k English / 250k multilingual SentencePiece): the
+  # trained caption model grown to `size` pieces, the last one a word it must then use.
+  from sentencepiece import sentencepiece_model_pb2 as model_pb2
+  proto = model_pb2.ModelProto()
+  with open(sp_model, "rb") as f:
+    proto.ParseFromString(f.read())
+  proto.trainer_spec.model_type = model_pb2.TrainerSpec.UNIGRAM
+  lowest = min(p.score for p in proto.pieces)
+  while len(proto.pieces) < size - 1:
+    proto.pieces.add(piece=f"▁w{len(proto.pieces)}", score=lowest - 1,
+                     type=model_pb2.ModelProto.SentencePiece.NORMAL)
+  proto.pieces.add(piece="▁zebra", score=0.0, type=model_pb2.ModelProto.SentencePiece.NORMAL)
+  path = tmp_path / "big.model"
+  path.write_bytes(proto.SerializeToString())
+  tok = tokenizers.build_tokenizer(f"sp:{path}")
+  assert tok.vocab_size == size and (tok.pad_id, tok.eos_id) == (0, 1)
+  texts = ["a Zebra", "a red zebra in the middle"]
+  ids = encode_in_graph(tok, texts, 16)
+  np.testing.assert_array_equal(ids, tok.encode(texts, 16))
+  assert (ids == size - 1).sum(axis=1).tolist() == [1, 1]  # '▁zebra' is one top-id token.
+  assert tok.decode(ids[1]) == "a red zebra in the middle"
+
+
+def test_train_tokenizer_tool_output_drives_the_pipeline(tmp_path):
+  import subprocess
+  import sys
+  from big_vlp.data import pipeline
+  data_dir = str(tmp_path / "tfds")
+  shapes.ensure_built(data_dir, "small")
+  out = str(tmp_path / "shapes.model")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, os.path.join(root, "tools", "train_tokenizer.py"),
+                  "--data", "big_vlp_shapes/small", "--data_dir", data_dir,
+                  "--vocab_size", "100", "--output", out], check=True, capture_output=True,
+                 timeout=300)
+  tok = tokenizers.build_tokenizer(f"sp:{out}")
+  batch = next(pipeline.eval_iterator(
+      name="big_vlp_shapes/small", split="val", data_dir=data_dir,
+      pp="tokenize(16, key='caption', out_key='text')|keep('text', 'caption')",
+      tokenizer=tok, batch_size=8))
+  captions = [c.decode() for c in batch["caption"]]
+  np.testing.assert_array_equal(batch["text"], tok.encode(captions, 16))
+  assert 3 < tok.vocab_size <= 100 and batch["text"].max() > 2  # Real pieces, not just UNK.
