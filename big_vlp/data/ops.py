@@ -164,6 +164,21 @@ def _size_arg(op: str, size: Any) -> tuple[int, int]:
   raise OpArgError(f"op {op!r}: size must be a positive int or [height, width], got {size!r}")
 
 
+def _positive_int_arg(op: str, name: str, value: Any) -> int:
+  """A positive int (not a bool); the error names the op and the argument."""
+  if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+    raise OpArgError(f"op {op!r}: {name} must be a positive int, got {value!r}")
+  return value
+
+
+def _number_arg(op: str, name: str, value: Any, lo: float, hi: float) -> float:
+  """A real number in [lo, hi]; the error names the op and the allowed range."""
+  if (not isinstance(value, (int, float)) or isinstance(value, bool)
+      or not lo <= value <= hi):
+    raise OpArgError(f"op {op!r}: {name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+  return float(value)
+
+
 _RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5",
                    "gaussian", "mitchellcubic")
 
@@ -233,6 +248,21 @@ def resize_small(size: int, key: str = "image", method: str = "bilinear") -> Exa
     scale = size / tf.minimum(h, w)
     new = tf.cast(tf.round(tf.stack([h * scale, w * scale])), tf.int32)
     return _resize_like_input(image, tf.maximum(new, size), method)
+  return _on_key(fn, key)
+
+
+@register("resize_long")
+def resize_long(size: int, key: str = "image", method: str = "bilinear") -> ExampleFn:
+  """Resizes so that the longer side is `size`, keeping the aspect ratio and dtype."""
+  size = _positive_int_arg("resize_long", "size", size)
+  method = _method_arg("resize_long", method)
+
+  def fn(image):
+    shape = tf.shape(image)
+    h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+    scale = size / tf.maximum(h, w)
+    new = tf.cast(tf.round(tf.stack([h * scale, w * scale])), tf.int32)
+    return _resize_like_input(image, tf.clip_by_value(new, 1, size), method)
   return _on_key(fn, key)
 
 
@@ -321,6 +351,303 @@ def normalize(mean, std, key: str = "image") -> ExampleFn:
   return _on_key(lambda im: (tf.cast(im, tf.float32) - mean_t) / std_t, key)
 
 
+# ----------------------------------------------------------------------------- RandAugment
+#
+# The sub-ops below follow big_vision's pp/autoaugment.py (the TF TPU EfficientNet code) in
+# pure TF, on uint8 [H, W, 3] images, returning uint8 of the same shape. Where that code
+# meant "equivalent of PIL X" but computes something else, these follow PIL exactly:
+#  - Contrast blends towards the mean grey level (big_vision's mean is #pixels / 256, a bug);
+#  - Color/Contrast use PIL's integer ITU-R 601 grey, Sharpness PIL's rounded SMOOTH filter;
+#  - Posterize(0 bits) gives black (a TF right shift by 8 is clamped to 7 in big_vision);
+#  - Solarize(threshold 256), i.e. magnitude 10, is the identity as in PIL (in big_vision,
+#    under TF 2.21 at least, the uint8 comparison wraps 256 to 0 and inverts every pixel).
+
+GREY = 128  # Fill for pixels that geometric ops and Cutout leave empty, as in big_vision.
+RANDAUG_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color",
+               "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX",
+               "TranslateY", "Cutout", "SolarizeAdd")
+
+
+def blend(image1: tf.Tensor, image2: tf.Tensor, factor: float) -> tf.Tensor:
+  """image1 + factor * (image2 - image1) in float32, clipped to [0, 255], truncated (PIL).
+
+  `image1` may broadcast against `image2` (a grey [H, W, 1] image, a scalar).
+  """
+  if factor == 1.0:
+    return image2
+  if factor == 0.0:
+    return tf.broadcast_to(image1, tf.shape(image2))
+  a, b = tf.cast(image1, tf.float32), tf.cast(image2, tf.float32)
+  return tf.cast(tf.clip_by_value(a + factor * (b - a), 0.0, 255.0), tf.uint8)
+
+
+def _select(condition: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+  """tf.where(condition, x, y) for uint8 via bit masks (SelectV2 is slower on CPU)."""
+  mask = tf.cast(condition, tf.uint8) * 255
+  return tf.bitwise.bitwise_or(tf.bitwise.bitwise_and(x, mask),
+                               tf.bitwise.bitwise_and(y, tf.bitwise.invert(mask)))
+
+
+def grey(image: tf.Tensor) -> tf.Tensor:
+  """uint8 [H, W] luma as PIL's convert('L'): (19595 R + 38470 G + 7471 B + 2^15) >> 16."""
+  rgb = tf.cast(image, tf.int32)
+  luma = rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000
+  return tf.cast(tf.bitwise.right_shift(luma, 16), tf.uint8)
+
+
+def _per_channel_lut(image: tf.Tensor, lut: tf.Tensor) -> tf.Tensor:
+  """Maps value v of channel c to lut[c, v]; `lut` is int [3, 256] with values in [0, 255]."""
+  lut = tf.cast(lut, tf.uint8)
+  return tf.stack([tf.gather(lut[c], tf.cast(image[..., c], tf.int32)) for c in range(3)], -1)
+
+
+def _histograms(image: tf.Tensor) -> tf.Tensor:
+  """int32 [3, 256]: the value histogram of each channel."""
+  return tf.stack([tf.histogram_fixed_width(tf.cast(image[..., c], tf.int32), [0, 255], 256)
+                   for c in range(3)])
+
+
+def autocontrast(image: tf.Tensor) -> tf.Tensor:
+  """Stretches each channel linearly so its min becomes 0 and max 255 (PIL autocontrast).
+
+  Computed as PIL does, in float64: int(value * scale + offset), offset = -lo * scale.
+  """
+  lo = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float64)
+  hi = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float64)
+  scale = tf.where(hi > lo, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)  # Constant channels stay.
+  offset = tf.where(hi > lo, -lo * scale, 0.0)
+  out = tf.floor(tf.cast(image, tf.float64) * scale + offset)
+  return tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.uint8)
+
+
+def equalize(image: tf.Tensor) -> tf.Tensor:
+  """Histogram-equalizes each channel (PIL ImageOps.equalize)."""
+  hist = _histograms(image)
+  top = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.int32)  # The last non-empty bin.
+  step = (tf.reduce_sum(hist, axis=1) - tf.gather(hist, top, batch_dims=1)) // 255
+  step = step[:, None]
+  lut = (tf.cumsum(hist, axis=1) + step // 2) // tf.maximum(step, 1)
+  lut = tf.clip_by_value(tf.concat([tf.zeros([3, 1], tf.int32), lut[:, :-1]], axis=1), 0, 255)
+  lut = tf.where(step == 0, tf.range(256)[None, :], lut)
+  return _per_channel_lut(image, lut)
+
+
+def invert(image: tf.Tensor) -> tf.Tensor:
+  """255 - image."""
+  return 255 - image
+
+
+def posterize(image: tf.Tensor, bits: int) -> tf.Tensor:
+  """Keeps the `bits` (0..8) most significant bits of every value (PIL ImageOps.posterize)."""
+  mask = (0xFF << (8 - bits)) & 0xFF
+  return tf.bitwise.bitwise_and(image, tf.constant(mask, tf.uint8))
+
+
+def solarize(image: tf.Tensor, threshold: int) -> tf.Tensor:
+  """Inverts the values >= `threshold` (a Python int); above 255 nothing changes."""
+  if threshold > 255:
+    return image
+  above = tf.cast(image >= tf.constant(max(threshold, 0), tf.uint8), tf.uint8)
+  return tf.bitwise.bitwise_xor(image, above * 255)  # v ^ 255 == 255 - v.
+
+
+def solarize_add(image: tf.Tensor, addition: int, threshold: int = 128) -> tf.Tensor:
+  """Adds `addition` (clipped to [0, 255]) to the values below `threshold` (Python ints)."""
+  if threshold <= 0 or addition == 0:
+    return image
+  below = tf.ones_like(image) if threshold > 255 else tf.cast(image < threshold, tf.uint8)
+  if addition > 0:  # uint8 arithmetic, never leaving [0, 255].
+    return image + below * tf.minimum(255 - image, min(addition, 255))
+  return image - below * tf.minimum(image, min(-addition, 255))
+
+
+def color(image: tf.Tensor, factor: float) -> tf.Tensor:
+  """Blends with the image's greyscale version (PIL ImageEnhance.Color)."""
+  return blend(tf.tile(grey(image)[..., None], [1, 1, 3]), image, factor)
+
+
+def contrast(image: tf.Tensor, factor: float) -> tf.Tensor:
+  """Blends with a flat image of the mean grey level, rounded (PIL ImageEnhance.Contrast)."""
+  mean = tf.reduce_mean(tf.cast(grey(image), tf.float64))
+  return blend(tf.cast(tf.floor(mean + 0.5), tf.uint8), image, factor)
+
+
+def brightness(image: tf.Tensor, factor: float) -> tf.Tensor:
+  """Blends with black (PIL ImageEnhance.Brightness)."""
+  return blend(tf.constant(0, tf.uint8), image, factor)
+
+
+def sharpness(image: tf.Tensor, factor: float) -> tf.Tensor:
+  """Blends with PIL's SMOOTH filter of the image, whose border pixels stay unfiltered."""
+  kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32)  # / 13 below.
+  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+  sums = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[None], kernel, [1, 1, 1, 1],
+                                "SAME")[0]  # Exact integers, so the rounding matches PIL.
+  smooth = tf.cast(tf.floor(sums / 13.0 + 0.5), tf.uint8)
+  shape = tf.shape(image)
+  rows, cols = tf.range(shape[0]), tf.range(shape[1])
+  inner = (((rows > 0) & (rows < shape[0] - 1))[:, None, None]
+           & ((cols > 0) & (cols < shape[1] - 1))[None, :, None])
+  return blend(_select(inner, smooth, image), image, factor)
+
+
+def transform(image: tf.Tensor, matrix) -> tf.Tensor:
+  """Projective transform with nearest-neighbour sampling; pixels from outside are GREY.
+
+  `matrix` is [a0, a1, a2, b0, b1, b2, c0, c1] mapping each output pixel (x, y) to the input
+  point ((a0 x + a1 y + a2) / k, (b0 x + b1 y + b2) / k), k = c0 x + c1 y + 1, as in tfa.
+  """
+  matrix = tf.reshape(tf.cast(tf.stack(matrix), tf.float32), [1, 8])
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=matrix, output_shape=tf.shape(image)[:2],
+      fill_value=float(GREY), interpolation="NEAREST", fill_mode="CONSTANT")
+  return out[0]
+
+
+def rotate(image: tf.Tensor, degrees) -> tf.Tensor:
+  """Rotates counter-clockwise about the image centre (tfa.image.rotate)."""
+  radians = tf.cast(degrees, tf.float32) * (np.pi / 180)
+  shape = tf.cast(tf.shape(image), tf.float32)
+  h, w = shape[0] - 1, shape[1] - 1
+  cos, sin = tf.cos(radians), tf.sin(radians)
+  x_offset = (w - (cos * w - sin * h)) / 2
+  y_offset = (h - (sin * w + cos * h)) / 2
+  return transform(image, [cos, -sin, x_offset, sin, cos, y_offset, 0.0, 0.0])
+
+
+def shear_x(image: tf.Tensor, level) -> tf.Tensor:
+  """Output (x, y) samples the input at (x + level * y, y)."""
+  return transform(image, [1.0, level, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def shear_y(image: tf.Tensor, level) -> tf.Tensor:
+  """Output (x, y) samples the input at (x, level * x + y)."""
+  return transform(image, [1.0, 0.0, 0.0, level, 1.0, 0.0, 0.0, 0.0])
+
+
+def translate_x(image: tf.Tensor, pixels) -> tf.Tensor:
+  """Moves the content `pixels` to the LEFT (output x samples input x + pixels), as big_vision."""
+  return transform(image, [1.0, 0.0, pixels, 0.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def translate_y(image: tf.Tensor, pixels) -> tf.Tensor:
+  """Moves the content `pixels` UP (output y samples input y + pixels), as big_vision."""
+  return transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, pixels, 0.0, 0.0])
+
+
+def cutout_at(image: tf.Tensor, center_y, center_x, pad_size: int) -> tf.Tensor:
+  """Greys rows [cy - pad, cy + pad) x columns [cx - pad, cx + pad), clipped to the image."""
+  shape = tf.shape(image)
+  top = tf.clip_by_value(center_y - pad_size, 0, shape[0])
+  bottom = tf.clip_by_value(center_y + pad_size, 0, shape[0])
+  left = tf.clip_by_value(center_x - pad_size, 0, shape[1])
+  right = tf.clip_by_value(center_x + pad_size, 0, shape[1])
+  grey_box = tf.fill([bottom - top, right - left, shape[2]], tf.constant(GREY, image.dtype))
+  band = image[top:bottom]
+  band = tf.concat([band[:, :left], grey_box, band[:, right:]], axis=1)
+  out = tf.concat([image[:top], band, image[bottom:]], axis=0)  # Copies: faster than a where.
+  out.set_shape(image.shape)
+  return out
+
+
+def cutout_center(image: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """The (y, x) centre of a Cutout square, uniform over the pixels, drawn from `seed`."""
+  shape = tf.shape(image)
+  y_seed, x_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  y = tf.random.stateless_uniform([], y_seed, maxval=shape[0], dtype=tf.int32)
+  x = tf.random.stateless_uniform([], x_seed, maxval=shape[1], dtype=tf.int32)
+  return y, x
+
+
+def cutout(image: tf.Tensor, pad_size: int, seed: tf.Tensor) -> tf.Tensor:
+  """Greys a (2 pad_size)^2 square centred uniformly at random (Cutout, DeVries & Taylor)."""
+  center_y, center_x = cutout_center(image, seed)
+  return cutout_at(image, center_y, center_x, pad_size)
+
+
+def randaug_branches(magnitude: float, translate_const: float = 100,
+                     cutout_const: float = 40) -> dict[str, Callable]:
+  """RANDAUG_OPS name -> fn(image, sign, seed) at `magnitude` (out of 10), as big_vision.
+
+  `sign` (+-1.0) is the random sign of the signed ops; `seed` seeds Cutout's position.
+  """
+  level = magnitude / 10
+  enhance = level * 1.8 + 0.1
+  return {
+      "AutoContrast": lambda im, sign, seed: autocontrast(im),
+      "Equalize": lambda im, sign, seed: equalize(im),
+      "Invert": lambda im, sign, seed: invert(im),
+      "Rotate": lambda im, sign, seed: rotate(im, sign * (level * 30)),
+      "Posterize": lambda im, sign, seed: posterize(im, min(int(level * 4), 8)),
+      "Solarize": lambda im, sign, seed: solarize(im, int(level * 256)),
+      "Color": lambda im, sign, seed: color(im, enhance),
+      "Contrast": lambda im, sign, seed: contrast(im, enhance),
+      "Brightness": lambda im, sign, seed: brightness(im, enhance),
+      "Sharpness": lambda im, sign, seed: sharpness(im, enhance),
+      "ShearX": lambda im, sign, seed: shear_x(im, sign * (level * 0.3)),
+      "ShearY": lambda im, sign, seed: shear_y(im, sign * (level * 0.3)),
+      "TranslateX": lambda im, sign, seed: translate_x(im, sign * (level * translate_const)),
+      "TranslateY": lambda im, sign, seed: translate_y(im, sign * (level * translate_const)),
+      "Cutout": lambda im, sign, seed: cutout(im, int(level * cutout_const), seed),
+      "SolarizeAdd": lambda im, sign, seed: solarize_add(im, int(level * 110)),
+  }
+
+
+def randaug_draws(seed: tf.Tensor, layer: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """(op index into RANDAUG_OPS, sign +-1.0, Cutout seed) of RandAugment layer `layer`."""
+  layer_seed = tf.random.experimental.stateless_fold_in(seed, layer)
+  op_seed_, sign_seed, cutout_seed = tf.unstack(
+      tf.random.experimental.stateless_split(layer_seed, 3))
+  index = tf.random.stateless_uniform([], op_seed_, maxval=len(RANDAUG_OPS), dtype=tf.int32)
+  sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
+  return index, sign, cutout_seed
+
+
+@register("randaug")
+def randaug(num_layers: int = 2, magnitude: float = 10, key: str = "image",
+            translate_const: float = 100, cutout_const: float = 40) -> ExampleFn:
+  """RandAugment (Cubuk et al. 2019) of a uint8 [H, W, 3] image, as big_vision's `randaug`.
+
+  Each of `num_layers` layers applies one op of RANDAUG_OPS chosen uniformly, at the fixed
+  `magnitude` (0..30; 10 is the paper's maximum). With m = magnitude / 10:
+    Rotate +-30m degrees, ShearX/Y +-0.3m, TranslateX/Y +-m * translate_const pixels
+    (absolute pixels as big_vision: 100 suits 224-331 px images), each sign a coin flip;
+    Color/Contrast/Brightness/Sharpness blend factor 0.1 + 1.8m (1 is the identity);
+    Posterize keeps int(4m) bits (clipped to 8), Solarize threshold int(256m),
+    SolarizeAdd adds int(110m) below 128, Cutout a grey square of side 2 int(m * cutout_const);
+    AutoContrast, Equalize and Invert ignore the magnitude.
+  As in big_vision, Posterize and Solarize get MILDER as the magnitude grows: from magnitude 10
+  on Solarize is the identity, and below 2.5 Posterize keeps 0 bits (a black image).
+  Empty pixels are GREY (128). All draws come from the op's stateless seed.
+  """
+  if not (isinstance(num_layers, int) and not isinstance(num_layers, bool) and num_layers >= 0):
+    raise OpArgError(f"op 'randaug': num_layers must be an int >= 0, got {num_layers!r}")
+  magnitude = _number_arg("randaug", "magnitude", magnitude, 0, 30)
+  translate_const = _number_arg("randaug", "translate_const", translate_const, 0, 1e4)
+  cutout_const = _number_arg("randaug", "cutout_const", cutout_const, 0, 1e4)
+  branches = randaug_branches(magnitude, translate_const, cutout_const)
+  branches = [branches[name] for name in RANDAUG_OPS]
+
+  def fn(example):
+    image = example[key]
+    if image.dtype != tf.uint8:
+      raise ValueError(f"op 'randaug' needs a uint8 image in example[{key!r}], got "
+                       f"{image.dtype.name}; put it before value_range/normalize")
+    if not image.shape.is_compatible_with([None, None, 3]):
+      raise ValueError(f"op 'randaug' needs an RGB image [H, W, 3] in example[{key!r}], "
+                       f"got shape {image.shape}")
+    image = tf.ensure_shape(image, [None, None, 3])
+    seed = op_seed(example, "randaug")
+    for layer in range(num_layers):
+      index, sign, cutout_seed = randaug_draws(seed, layer)
+      out = tf.switch_case(index, [functools.partial(b, image, sign, cutout_seed)
+                                   for b in branches])
+      out.set_shape(image.shape)
+      image = out
+    return {**example, key: image}
+  return fn
+
+
 # ----------------------------------------------------------------------------- text ops
 
 
@@ -339,6 +666,40 @@ def tokenize(max_len: int, key: str = "caption", out_key: str = "text", lower: b
     else:  # Several captions per image (e.g. retrieval sets): one row each.
       ids = tf.map_fn(encode, text, fn_output_signature=tf.TensorSpec([max_len], tf.int32))
     return {**example, out_key: ids}
+  return fn
+
+
+@register("lower")
+def lowercase(key: str = "caption") -> ExampleFn:
+  """Lower-cases a string or a tensor of strings, UTF-8 aware ('ÉCOLE' -> 'école')."""
+  _keys_arg("lower", (key,))
+  return _on_key(lambda text: tf.strings.lower(text, encoding="utf-8"), key)
+
+
+@register("choice")
+def choice(key: str = "caption", out_key: str | None = None) -> ExampleFn:
+  """Picks one entry of a vector `example[key]` uniformly (seeded) into `out_key or key`.
+
+  A scalar passes through unchanged; an empty vector raises (the pipeline drops the example).
+  """
+  _keys_arg("choice", (key,) if out_key is None else (key, out_key))
+  out_key = out_key or key
+
+  def fn(example):
+    values = example[key]
+    rank = values.shape.rank
+    if rank == 0:
+      return {**example, out_key: values}
+    if rank is not None and rank > 1:
+      raise ValueError(f"op 'choice' needs a scalar or a vector in example[{key!r}], got "
+                       f"shape {values.shape}")
+    checks = [] if rank == 1 else [tf.debugging.assert_less_equal(
+        tf.rank(values), 1, message=f"op 'choice': example[{key!r}] must be a scalar or vector")]
+    with tf.control_dependencies(checks):
+      flat = tf.reshape(values, [-1])  # A scalar of unknown rank becomes a 1-vector.
+    index = tf.random.stateless_uniform([], op_seed(example, "choice"), maxval=tf.size(flat),
+                                        dtype=tf.int32)
+    return {**example, out_key: tf.gather(flat, index)}
   return fn
 
 
