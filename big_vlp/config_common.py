@@ -24,8 +24,8 @@ def standard_evals(*, res: int, text_len: int, zeroshot_data: str, zeroshot_spli
                    retrieval_data: str, retrieval_split: str, data_dir: str | None,
                    zeroshot_data_dir: str | None = None, text_key: str = "caption",
                    every: int = 1000, batch_size: int = 256) -> ml_collections.ConfigDict:
-  """The 'zeroshot' and 'retrieval' evaluators on the given datasets."""
-  return ml_collections.ConfigDict({
+  """The 'zeroshot' and 'retrieval' evaluators on the given datasets ('none' leaves one out)."""
+  evals = ml_collections.ConfigDict({
       "zeroshot": {
           "type": "zeroshot", "data": zeroshot_data, "split": zeroshot_split,
           "data_dir": opt_str(zeroshot_data_dir if zeroshot_data_dir else data_dir),
@@ -37,6 +37,10 @@ def standard_evals(*, res: int, text_len: int, zeroshot_data: str, zeroshot_spli
           "pp": img_pp(res) + "|" + text_pp(text_len, text_key) + "|keep('image','text')",
           "every": every, "batch_size": batch_size},
   })
+  for name, data in (("zeroshot", zeroshot_data), ("retrieval", retrieval_data)):
+    if data.lower() == "none":
+      del evals[name]
+  return evals
 
 
 def data_config(data: str, *, data_dir: str | None, text_key: str, pp: str,
@@ -116,7 +120,8 @@ def pod_config(arg: str | None, *, loss: str, tokenizer: str, examples: int, tex
   c.data = data_config(
       a.data, data_dir=a.data_dir, text_key=a.text_key,
       shuffle_buffer=1000 if a.runlocal else 250_000,
-      pp=(f"decode|resize({res})|value_range(-1,1)|{text_pp(text_len, a.text_key)}"
+      pp=(f"decode|resize({res})|value_range(-1,1)|choice(key={a.text_key!r})|"
+          f"{text_pp(text_len, a.text_key)}"
           "|keep('image','text')"))
   c.model = ml_collections.ConfigDict({
       "image": image, "text": text, "embed_dim": embed_dim,

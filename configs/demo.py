@@ -36,7 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = data_config(
       a.data, data_dir=a.data_dir, text_key=a.text_key, shuffle_buffer=50_000,
-      pp=(f"decode|resize({a.res})|value_range(-1,1)|{text_pp(text_len, a.text_key)}"
+      pp=(f"decode|resize({a.res})|value_range(-1,1)|choice(key={a.text_key!r})|"
+          f"{text_pp(text_len, a.text_key)}"
           "|keep('image','text')"))
 
   # Width 128 with 8-pixel patches (64 tokens) costs about what width 192 with 16-pixel

@@ -1,26 +1,25 @@
 """Input data: datasets, pre-processing ops, tokenizers and tf.data pipelines.
 
-This package is the only part of big_vlp that imports TensorFlow.
+This package is the only part of big_vlp that imports TensorFlow. Importing the package
+itself is cheap (the names below load their module on first use), so TensorFlow-free
+modules such as `build` (the dataset builder's workers) import without it.
 """
 
-import tensorflow as tf
+import importlib
+from typing import Any
 
-# TF must never reserve accelerator memory that JAX needs; the input pipeline runs on CPU.
-try:
-  tf.config.set_visible_devices([], "GPU")
-except (RuntimeError, ValueError):  # Devices already initialised, or no GPU support built in.
-  pass
+_EXPORTS = {
+    "ByteTokenizer": "tokenizers", "SentencePieceTokenizer": "tokenizers",
+    "Tokenizer": "tokenizers", "build_tokenizer": "tokenizers",
+    "train_sentencepiece": "tokenizers", "get_preprocess_fn": "ops", "register": "ops",
+    "class_names": "pipeline", "eval_iterator": "pipeline", "get_builder": "pipeline",
+    "iterate_texts": "pipeline", "num_examples": "pipeline", "train_iterator": "pipeline",
+    "ensure_built": "shapes",
+}
+__all__ = sorted(_EXPORTS)
 
-# pylint: disable=wrong-import-position
-from big_vlp.data.ops import get_preprocess_fn, register
-from big_vlp.data.pipeline import (class_names, eval_iterator, get_builder, iterate_texts,
-                                   num_examples, train_iterator)
-from big_vlp.data.shapes import ensure_built
-from big_vlp.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, Tokenizer,
-                                     build_tokenizer, train_sentencepiece)
 
-__all__ = [
-    "ByteTokenizer", "SentencePieceTokenizer", "Tokenizer", "build_tokenizer",
-    "class_names", "ensure_built", "eval_iterator", "get_builder", "get_preprocess_fn",
-    "iterate_texts", "num_examples", "register", "train_iterator", "train_sentencepiece",
-]
+def __getattr__(name: str) -> Any:
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"big_vlp.data.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module 'big_vlp.data' has no attribute {name!r}")

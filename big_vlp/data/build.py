@@ -433,21 +433,6 @@ def run_task(task: _Task) -> dict:
   return result
 
 
-# Pool initializer source, run with `exec` in each fresh worker: importing this module as
-# `big_vlp.data.build` would run big_vlp/data/__init__.py, which imports TensorFlow (seconds
-# and hundreds of MB per worker). A bare package object stands in for big_vlp.data there.
-_WORKER_BOOTSTRAP = """
-import sys, types
-import big_vlp
-if "big_vlp.data" not in sys.modules:
-  package = types.ModuleType("big_vlp.data")
-  package.__path__ = [DATA_PACKAGE_DIR]
-  package.__package__ = "big_vlp.data"
-  sys.modules["big_vlp.data"] = package
-  big_vlp.data = package
-"""
-
-
 # ----------------------------------------------------------------------------------------------
 # Parent side: planning.
 
@@ -878,10 +863,8 @@ def _finish_task(staging: str, result: dict) -> dict:
 
 def worker_pool(processes: int) -> multiprocessing.pool.Pool:
   """A 'spawn' pool whose workers can run `run_task` without importing TensorFlow."""
-  context = multiprocessing.get_context("spawn")
-  bootstrap_globals = {"DATA_PACKAGE_DIR": os.path.dirname(os.path.abspath(__file__))}
-  return context.Pool(processes, initializer=exec,
-                      initargs=(_WORKER_BOOTSTRAP, bootstrap_globals))
+  # big_vlp.data imports TensorFlow lazily, so workers load only PIL and this module.
+  return multiprocessing.get_context("spawn").Pool(processes)
 
 
 def _run_tasks(tasks: list[_Task], workers: int, on_done) -> None:

@@ -15,6 +15,7 @@ import inspect
 from typing import Any, Callable
 
 import numpy as np
+from big_vlp.data import tf_cpu  # noqa: F401  (hides GPUs from TF first)
 import tensorflow as tf
 
 from big_vlp.config_errors import ConfigError

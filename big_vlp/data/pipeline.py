@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import weakref
 
 import numpy as np
+from big_vlp.data import tf_cpu  # noqa: F401  (hides GPUs from TF first)
 import tensorflow as tf
 import tensorflow_datasets as tfds
 

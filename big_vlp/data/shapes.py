@@ -14,6 +14,7 @@ import zlib
 
 from etils import epath
 import numpy as np
+from big_vlp.data import tf_cpu  # noqa: F401  (hides GPUs from TF first)
 import tensorflow_datasets as tfds
 
 from big_vlp.config_errors import check_choice

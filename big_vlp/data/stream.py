@@ -23,6 +23,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from big_vlp.data import tf_cpu  # noqa: F401  (hides GPUs from TF first)
 import tensorflow as tf
 import tensorflow_datasets as tfds
 

@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from big_vlp.data import tf_cpu  # noqa: F401  (hides GPUs from TF first)
 import tensorflow as tf
 
 from big_vlp.config_errors import ConfigError, fail
