@@ -5,9 +5,10 @@
 
 Arguments: loss=sigmoid|softmax, steps, batch, seed, data / data_dir (a tfds image-caption
 dataset, default the embedded 'big_vlp_shapes'; a weighted mixture is written
-`data=NAME:3+OTHER:1`), eval_data / eval_data_dir / eval_split (a
-labelled tfds dataset for zero-shot), retrieval_data / retrieval_split, text_key, tokenizer,
-res (image size), runlocal (tiny and fast, for debugging).
+`data=NAME:3+OTHER:1`), eval_data / eval_data_dir / eval_split (a labelled tfds dataset for
+zero-shot; 'none' for no zero-shot), retrieval_data / retrieval_split (default: `data`'s
+'val' split; 'none' for no retrieval), text_key, tokenizer, res (image size), runlocal
+(tiny and fast, for debugging).
 """
 
 import ml_collections

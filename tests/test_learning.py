@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 from big_vlp.data import shapes
@@ -32,4 +33,8 @@ def test_demo_learns_far_above_chance(tmp_path, loss):
   assert results["retrieval/t2i_r10"] > 0.04, results
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     losses = [e["train/loss"] for e in map(json.loads, f) if "train/loss" in e]
-  assert losses[-1] < 0.8 * losses[0], losses
+  # Below the plateau of a model that ignores the inputs: with one positive among n pairs
+  # per row, the best constant logit gives n * H(1/n) nats (5.85 for n = 128).
+  n = config.batch_size
+  plateau = -(np.log(1 / n) + (n - 1) * np.log(1 - 1 / n))
+  assert losses[-1] < 0.9 * plateau < losses[0], (plateau, losses)
