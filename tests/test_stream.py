@@ -161,3 +161,17 @@ def test_state_round_trips_through_json_and_arrays():
   assert stream.StreamState.from_array(st.to_array(), st.sources) == st
   legacy = stream.StreamState.start([source(weight=3.0), source("val", 1.0)], 1001)
   assert sum(legacy.positions) == 1001 and legacy.skipped == [0, 0]
+
+
+def test_array_record_datasets_read_and_resume_the_same_way(tmp_path):
+  from big_vlp.data import shapes
+  builder = shapes.BigVlpShapes(config="small", data_dir=str(tmp_path),
+                                file_format="array_record")
+  builder.download_and_prepare()
+  assert builder.info.file_format.value == "array_record"
+  args = dict(pp="keep('image')", tokenizer=None, local_batch_size=50, seed=0, **SMALL_WINDOWS)
+  src = [source(data_dir=str(tmp_path))]
+  got = ids(itertools.islice(stream.train_iterator(src, **args), 40))
+  assert len(set(got[:2000])) == 2000  # An epoch is a permutation of the split.
+  resumed = ids(itertools.islice(stream.train_iterator(src, start=1300, **args), 14))
+  assert resumed == got[1300:2000]

@@ -129,9 +129,10 @@ def _block_reader(file_format: str) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor
     from array_record.python.array_record_module import ArrayRecordReader
 
     def fetch(f, skip, take):
-      reader = ArrayRecordReader(f.decode())
+      f, skip, take = (np.asarray(x).item() for x in (f, skip, take))
+      reader = ArrayRecordReader(f.decode() if isinstance(f, bytes) else f)
       try:
-        return np.array(reader.read(list(range(int(skip), int(skip + take)))), dtype=object)
+        return np.array(reader.read(list(range(skip, skip + take))), dtype=object)
       finally:
         reader.close()
 
