@@ -278,7 +278,7 @@ def test_killed_build_resumes_to_the_clean_result(tmp_path, capsys):
   with open(tmp_path / "log", "w", encoding="utf-8") as log:
     # Slowed tasks (a test-only hook) leave time to kill the build part-way.
     proc = subprocess.Popen([sys.executable, TOOL] + flags, stdout=log, stderr=log,
-                            env=dict(ENV, **{build.TASK_DELAY_ENV: "1.0"}),
+                            env=dict(ENV, **{build.TASK_DELAY_ENV: "1.5"}),
                             start_new_session=True)
     try:
       deadline = time.time() + 180

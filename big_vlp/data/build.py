@@ -873,6 +873,9 @@ def _run_tasks(tasks: list[_Task], workers: int, on_done) -> None:
     for task in tasks:
       on_done(run_task(task))
     return
+  # The parent writes each finished task's TFRecords with TensorFlow: import it before the
+  # workers start, so the first result is not held up (with all the others queued behind it).
+  import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
   with worker_pool(min(workers, len(tasks))) as pool:
     for result in pool.imap_unordered(run_task, tasks, chunksize=1):
       on_done(result)
