@@ -71,6 +71,7 @@ def validate_config(config: Any, num_devices: int, process_count: int = 1) -> No
   for field in ("log_every", "ckpt_every", "keep_ckpts"):
     _positive_int(config, field)
   check_choice("loss", config.loss, losses.LOSSES)
+  check_choice("loss_impl", config.get("loss_impl", "global"), ("global", "sharded"))
   _check_data(config)
   check_choice("optim.name", config.optim.name, optim.OPTIMIZERS)
   check_choice("optim.schedule.name", config.optim.schedule.name, optim.SCHEDULES)

@@ -60,7 +60,8 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   else:
     state = train_step.init_state(model, spec.tx, shardings, batch_shapes, config.seed)
   step_fn = train_step.make_train_step(model, spec.tx, config.loss, spec.schedule,
-                                       shardings, mesh, tuple(batch_shapes))
+                                       shardings, mesh, tuple(batch_shapes),
+                                       loss_impl=config.get("loss_impl", "global"))
   writer = MetricWriter(workdir, is_main=is_main)
   writer.truncate_after(start_step)
   evaluators = build_evaluators(config, model, tokenizer, mesh)

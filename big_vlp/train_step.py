@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from big_vlp import losses, sharding
+from big_vlp import losses, losses_sharded, sharding
 from big_vlp.tree_paths import leaf_paths, map_with_path
 
 State = dict[str, Any]
@@ -84,17 +84,32 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, shardings: St
   return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
+LOSS_IMPLS = ("global", "sharded")
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_name: str,
                     schedule: Callable, shardings: State, mesh: Mesh,
-                    batch_keys: tuple[str, ...] = ("image", "text")) -> Callable:
-  """One jitted step: forward both towers, loss, gradients, optimizer update, metrics."""
+                    batch_keys: tuple[str, ...] = ("image", "text"),
+                    loss_impl: str = "global") -> Callable:
+  """One jitted step: forward both towers, loss, gradients, optimizer update, metrics.
+
+  `loss_impl` 'global' writes the loss over the whole batch and lets XLA partition it;
+  'sharded' computes it per device with shard_map (ring SigLIP, gather-with-grad CLIP,
+  `big_vlp.losses_sharded`), whose logits blocks grow linearly with the batch.
+  """
+  if loss_impl not in LOSS_IMPLS:
+    raise ValueError(f"loss_impl={loss_impl!r}; allowed: {LOSS_IMPLS}")
   def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
     rng, dropout_rng = jax.random.split(state["rng"])
 
     def loss_fn(params):
       zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"],
                                     train=True, rngs={"dropout": dropout_rng})
-      loss = losses.contrastive_loss(loss_name, zimg, ztxt, out["scale"], out["bias"])
+      if loss_impl == "sharded":
+        loss = losses_sharded.contrastive_loss_sharded(
+            loss_name, zimg, ztxt, out["scale"], out["bias"], mesh, sharding.BATCH_AXES)
+      else:
+        loss = losses.contrastive_loss(loss_name, zimg, ztxt, out["scale"], out["bias"])
       return loss, (zimg, ztxt, out)
 
     (loss, (zimg, ztxt, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
