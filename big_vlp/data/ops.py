@@ -237,34 +237,30 @@ def resize(size, key: str = "image", method: str = "bilinear") -> ExampleFn:
   return _on_key(lambda im: _resize_like_input(im, size, method), key)
 
 
+def _resize_side(size: int, method: str, key: str, longer: bool) -> ExampleFn:
+  """Resizes so that the shorter (or longer) side is `size`, keeping aspect ratio and dtype."""
+  def fn(image):
+    shape = tf.shape(image)
+    h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+    scale = size / (tf.maximum(h, w) if longer else tf.minimum(h, w))
+    new = tf.cast(tf.round(tf.stack([h * scale, w * scale])), tf.int32)
+    new = tf.clip_by_value(new, 1, size) if longer else tf.maximum(new, size)
+    return _resize_like_input(image, new, method)
+  return _on_key(fn, key)
+
+
 @register("resize_small")
 def resize_small(size: int, key: str = "image", method: str = "bilinear") -> ExampleFn:
   """Resizes so that the shorter side is `size`, keeping the aspect ratio and dtype."""
   size = _size_arg("resize_small", size)[0]
-  method = _method_arg("resize_small", method)
-
-  def fn(image):
-    shape = tf.shape(image)
-    h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
-    scale = size / tf.minimum(h, w)
-    new = tf.cast(tf.round(tf.stack([h * scale, w * scale])), tf.int32)
-    return _resize_like_input(image, tf.maximum(new, size), method)
-  return _on_key(fn, key)
+  return _resize_side(size, _method_arg("resize_small", method), key, longer=False)
 
 
 @register("resize_long")
 def resize_long(size: int, key: str = "image", method: str = "bilinear") -> ExampleFn:
   """Resizes so that the longer side is `size`, keeping the aspect ratio and dtype."""
   size = _positive_int_arg("resize_long", "size", size)
-  method = _method_arg("resize_long", method)
-
-  def fn(image):
-    shape = tf.shape(image)
-    h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
-    scale = size / tf.maximum(h, w)
-    new = tf.cast(tf.round(tf.stack([h * scale, w * scale])), tf.int32)
-    return _resize_like_input(image, tf.clip_by_value(new, 1, size), method)
-  return _on_key(fn, key)
+  return _resize_side(size, _method_arg("resize_long", method), key, longer=True)
 
 
 @register("central_crop")
