@@ -119,17 +119,23 @@ def process_split(split: str, process_index: int, process_count: int) -> Any:
 
 def _read(builder, split: str) -> tf.data.Dataset:
   """Records of `split` in file order; image features stay encoded (decoded by the pp ops)."""
-  decoders = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
-              if isinstance(f, tfds.features.Image)}
+  decoders = image_decoders(builder.info.features)
   read_config = tfds.ReadConfig(shuffle_seed=None, interleave_cycle_length=1,
                                 add_tfds_id=False, try_autocache=False)
-  return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders or None,
+  return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                             read_config=read_config)
 
 
-def _stream_key(seed: int, process_index: int) -> int:
-  """A well-mixed int64 from (seed, process) that keys this stream's random numbers."""
-  state = np.random.SeedSequence([seed, process_index]).generate_state(1, np.uint64)[0]
+def image_decoders(features: Any) -> dict[str, Any] | None:
+  """tfds decoders that leave every Image feature encoded (the pp's `decode` op decodes)."""
+  decoders = {k: tfds.decode.SkipDecoding() for k, f in features.items()
+              if isinstance(f, tfds.features.Image)}
+  return decoders or None
+
+
+def stream_key(*parts: int) -> int:
+  """A well-mixed int64 from integers (seed, process, source ...) keying random numbers."""
+  state = np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0]
   return int(state.astype(np.int64))
 
 
@@ -173,7 +179,7 @@ def iterate_texts(name: str, split: str, data_dir: str | None, key: str = "capti
       count += 1
 
 
-def _options() -> tf.data.Options:
+def deterministic_options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True  # Parallel maps must keep the order.
   return options
@@ -213,7 +219,7 @@ def eval_iterator(*, name: str, split: str, data_dir: str | None, pp: str,
   sizes = [builder.info.splits[process_split(split, i, process_count)].num_examples
            for i in range(process_count)]
   num_batches = -(-max(sizes) // batch_size)
-  key = _stream_key(0, process_index)
+  key = stream_key(0, process_index)
 
   def prepare(position, example):
     example = dict(example)
@@ -231,7 +237,7 @@ def eval_iterator(*, name: str, split: str, data_dir: str | None, pp: str,
     ds = ds.concatenate(_padding(ds, sizes[process_index] > 0, f"{config_prefix}.pp", pp)
                         .repeat(padding))
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
-  return BatchIterator(ds.with_options(_options()))
+  return BatchIterator(ds.with_options(deterministic_options()))
 
 
 def _padding(ds: tf.data.Dataset, has_examples: bool, field: str, pp: str) -> tf.data.Dataset:

@@ -25,10 +25,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from big_vlp.data import tf_cpu  # noqa: F401  (hides GPUs from TF first)
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from big_vlp.config_errors import fail
-from big_vlp.data import ops
+from big_vlp.data import ops, pipeline
 
 POSITION_KEY = "_position"
 SOURCE_KEY = "_source"
@@ -144,12 +143,6 @@ def _block_reader(file_format: str) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor
                    "supported: tfrecord, array_record")
 
 
-def _key(*parts: int) -> int:
-  """A well-mixed int64 from integers (seed, process, source ...)."""
-  state = np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0]
-  return int(state.astype(np.int64))
-
-
 class _SourceStream:
   """The records of one source on one process, from a position on, as described above."""
 
@@ -221,12 +214,6 @@ class _SourceStream:
 # ----------------------------------------------------------------------------- the stream
 
 
-def _decoders(features) -> dict[str, Any] | None:
-  decoders = {k: tfds.decode.SkipDecoding() for k, f in features.items()
-              if isinstance(f, tfds.features.Image)}
-  return decoders or None
-
-
 def _check_pp(stream: _SourceStream, prepare: Callable, source: Source, field: str,
               pp: str) -> None:
   """Raises ConfigError if pre-processing fails on every one of the first examples."""
@@ -248,7 +235,6 @@ def _source_dataset(j: int, source: Source, *, pp: str, tokenizer: Any, seed: in
                     position: int, process_index: int, process_count: int,
                     shuffle_buffer: int, block_size: int) -> tf.data.Dataset:
   """Pre-processed examples of one source with `_source` and `_position`, bad ones dropped."""
-  from big_vlp.data import pipeline  # pylint: disable=import-outside-toplevel
   builder = pipeline.get_builder(source.name, source.data_dir, field=f"{source.field}.name")
   pipeline.check_split(builder, source.split, f"{source.field}.split")
   pp_field = f"{source.field}.pp" if source.pp else "data.pp"
@@ -260,9 +246,10 @@ def _source_dataset(j: int, source: Source, *, pp: str, tokenizer: Any, seed: in
     fail(f"{source.field}.split", source.split,
          f"process {process_index} of {process_count} gets no examples of {source.id!r}")
   window_blocks = max(1, min(len(blocks.takes), shuffle_buffer // block_size))
-  stream = _SourceStream(blocks, str(builder.info.file_format.value), _key(
+  stream = _SourceStream(blocks, str(builder.info.file_format.value), pipeline.stream_key(
       seed, process_index, j), window_blocks, block_size)
-  features, decoders = builder.info.features, _decoders(builder.info.features)
+  features = builder.info.features
+  decoders = pipeline.image_decoders(features)
 
   def prepare(position, record):
     example = dict(features.deserialize_example(record, decoders=decoders))
@@ -317,7 +304,7 @@ def train_iterator(sources: Sequence[Source], *, pp: str, tokenizer: Any,
     ds = datasets[0]
   else:
     logits = tf.math.log(tf.constant([weights], tf.float64) / sum(weights))
-    mix_key = _key(seed, process_index, len(sources), 0x6d6978)
+    mix_key = pipeline.stream_key(seed, process_index, len(sources), 0x6d6978)
 
     def draw(m):
       return tf.random.stateless_categorical(
@@ -326,9 +313,9 @@ def train_iterator(sources: Sequence[Source], *, pp: str, tokenizer: Any,
     selector = tf.data.Dataset.range(start.examples, _INT64_MAX).map(draw)
     ds = tf.data.Dataset.choose_from_datasets(datasets, selector)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(prefetch)
-  options = tf.data.Options()
-  options.deterministic = True  # Parallel maps keep the order: exact resume needs it.
-  return TrainIterator(ds.with_options(options), start, sources, max_skip_fraction)
+  # Parallel maps keep the order: exact resume needs it.
+  return TrainIterator(ds.with_options(pipeline.deterministic_options()), start, sources,
+                       max_skip_fraction)
 
 
 class TrainIterator:
@@ -344,8 +331,7 @@ class TrainIterator:
     self._sources = list(sources)
     self._max_skip = max_skip_fraction
     self._min_check = min_examples_for_check
-    from big_vlp.data.pipeline import register_live_iterator  # pylint: disable=import-outside-toplevel
-    register_live_iterator(self)
+    pipeline.register_live_iterator(self)
 
   def __iter__(self) -> "TrainIterator":
     return self
