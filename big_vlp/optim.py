@@ -1,6 +1,7 @@
 """Optimizer and learning-rate schedule from the config (optax).
 
 config.optim fields: name ('adamw' | 'adafactor' | 'sgd'), lr, wd, b1, b2, eps,
+mu_dtype ('float32' | 'bfloat16': dtype of the first moment / momentum; default float32),
 grad_clip_norm, wd_rules (regexes of params that get weight decay; default kernels only),
 schedule.{name ('cosine' | 'rsqrt' | 'linear' | 'constant'), warmup_steps, end_factor,
 timescale, cooldown_steps}. config.freeze: regexes of params that are frozen: they get
@@ -20,6 +21,9 @@ from big_vlp.tree_paths import map_with_path
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
 DEFAULT_WD_RULES = (".*/kernel",)
+# bfloat16 halves the first moment's memory. The second moment stays float32: each step adds
+# only (1 - b2) * g^2 to it, an increment bfloat16's 8-bit mantissa would round away.
+MU_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def make_schedule(optim_cfg: Any, total_steps: int) -> Callable[[jax.Array], jax.Array]:
@@ -73,17 +77,20 @@ def make_optimizer(config: Any, params: Any) -> tuple[optax.GradientTransformati
   wd_match = _matches(oc.get("wd_rules", DEFAULT_WD_RULES) or ())
   wd_mask = lambda tree: map_with_path(lambda path, _: wd_match(path), tree)
   wd = float(oc.get("wd", 0.0))
+  mu_dtype = MU_DTYPES[check_choice("optim.mu_dtype", oc.get("mu_dtype", "float32"), MU_DTYPES)]
 
   if name == "adamw":
     opt = optax.adamw(sched, b1=oc.get("b1", 0.9), b2=oc.get("b2", 0.999),
-                      eps=oc.get("eps", 1e-8), weight_decay=wd, mask=wd_mask)
+                      eps=oc.get("eps", 1e-8), mu_dtype=mu_dtype, weight_decay=wd, mask=wd_mask)
   elif name == "adafactor":
-    opt = optax.adafactor(sched, momentum=oc.get("b1", None), decay_rate=oc.get("b2", 0.8),
+    # Only used when momentum (b1) is set: adafactor keeps no first moment otherwise.
+    opt = optax.adafactor(sched, momentum=oc.get("b1", None), dtype_momentum=mu_dtype,
+                          decay_rate=oc.get("b2", 0.8),
                           weight_decay_rate=wd or None, weight_decay_mask=wd_mask,
                           multiply_by_parameter_scale=False, clipping_threshold=None)
   else:
     opt = optax.chain(optax.add_decayed_weights(wd, mask=wd_mask),
-                      optax.sgd(sched, momentum=oc.get("b1", None)))
+                      optax.sgd(sched, momentum=oc.get("b1", None), accumulator_dtype=mu_dtype))
 
   parts = []
   clip = oc.get("grad_clip_norm", None)

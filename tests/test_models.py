@@ -1,5 +1,6 @@
 """Behaviour tests for the model package: sizes, ViT, text tower, two towers."""
 
+import functools
 import math
 
 import jax
@@ -10,7 +11,8 @@ from flax.traverse_util import flatten_dict
 
 from big_vlp.config_errors import ConfigError
 from big_vlp.models import SIZES, TextTransformer, TwoTower, ViT, decode_variant
-from big_vlp.models.common import posemb_sincos_2d
+from big_vlp.models.common import (REMAT_POLICIES, posemb_sincos_2d, resolve_remat,
+                                   stack_layers, unstack_layers)
 
 # Copied by hand from REFERENCE.md section 5 (plus the tiny 'mu' test size).
 TABLE = {
@@ -263,16 +265,135 @@ def test_text_config_errors(kwargs, field):
     text_model(**kwargs).init(RNG, text_batch(LENGTHS, 12))
 
 
-# ---------------------------------------------------------------- dtype, remat, dropout
+# ---------------------------------------------------------------- remat, scan, dropout
 
 
 def test_remat_same_params_and_outputs():
+  # Legacy bool configs: remat=True is the "full" policy.
+  assert resolve_remat(True, "model.image.remat") == "full"
+  assert resolve_remat(False, "model.image.remat") == "none"
   image = jnp.ones(IMAGE_SHAPE)
   plain, remat = ViT(variant="mu/8", depth=2), ViT(variant="mu/8", depth=2, remat=True)
   params = plain.init(RNG, image)
   assert jax.tree.structure(params) == jax.tree.structure(remat.init(RNG, image))
   np.testing.assert_allclose(plain.apply(params, image)[0], remat.apply(params, image)[0],
                              atol=1e-6)
+
+
+SMALL_IMAGE = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+
+
+def tower(kind: str, **kw):
+  """(model, input) for a depth-2 mu tower; the text one is causal with padded rows."""
+  if kind == "vit":
+    return ViT(variant="mu/8", depth=2, **kw), SMALL_IMAGE
+  return text_model(causal=True, **kw), text_batch(LENGTHS, 12)
+
+
+def value_and_grads(model, params, x):
+  """Pooled output and d(sum of squares of the output) / d(params)."""
+  def loss(p):
+    out = model.apply(p, x)[0]
+    return jnp.sum(out * out), out
+  # Jitted: eager backward ops of these new shapes would each compile on first use, which
+  # costs more than one whole-program compile per policy.
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return out, grads
+
+
+@functools.cache
+def no_remat_reference(kind: str):
+  """(params, output, grads) of the tower without remat, shared by the policy tests."""
+  plain, x = tower(kind)
+  params = plain.init(RNG, x)
+  return (params, *value_and_grads(plain, params, x))
+
+
+@pytest.mark.parametrize("policy", REMAT_POLICIES[1:])
+@pytest.mark.parametrize("kind", ["vit", "text"])
+def test_remat_policies_same_outputs_and_grads(kind, policy):
+  params, want_out, want_grads = no_remat_reference(kind)
+  model, x = tower(kind, remat=policy)
+  out, grads = value_and_grads(model, params, x)
+  np.testing.assert_allclose(out, want_out, atol=1e-6)
+  assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5), grads, want_grads)
+
+
+@pytest.mark.parametrize("kind, field", [("vit", "model.image"), ("text", "model.text")])
+def test_bad_remat_and_scan_name_field(kind, field):
+  model, x = tower(kind, remat="dot")
+  with pytest.raises(ConfigError) as err:
+    model.init(RNG, x)
+  msg = str(err.value)
+  assert f"{field}.remat='dot'" in msg
+  assert all(repr(p) in msg for p in REMAT_POLICIES)
+  model, x = tower(kind, scan="yes")
+  with pytest.raises(ConfigError, match=f"{field}.scan"):
+    model.init(RNG, x)
+
+
+@pytest.mark.parametrize("kind, remat", [("vit", "none"), ("text", "none"), ("vit", "full"),
+                                         ("text", "dots_no_batch")])
+def test_scan_matches_stacked_unscanned(kind, remat):
+  plain, x = tower(kind)
+  scanned = tower(kind, scan=True, remat=remat)[0]
+  params = plain.init(RNG, x)
+  scanned_params = jax.eval_shape(scanned.init, RNG, x)  # Shapes only: saves a compile.
+  names = paths(scanned_params)
+  assert not any("encoderblock_" in k for k in names)
+  assert names["Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"].shape == (2, 32, 128)
+  stacked = stack_layers(params)
+  assert jax.tree.structure(stacked) == jax.tree.structure(scanned_params)
+  assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, scanned_params)
+  np.testing.assert_allclose(scanned.apply(stacked, x)[0], plain.apply(params, x)[0],
+                             atol=1e-5)
+  back = unstack_layers(stacked)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_stack_layers_rejects_gaps_and_mixed_layouts():
+  leaf = jnp.zeros(2)
+  with pytest.raises(ValueError, match="encoderblock_0"):
+    stack_layers({"encoderblock_0": leaf, "encoderblock_2": leaf})
+  with pytest.raises(ValueError, match="mixed"):
+    unstack_layers({"encoderblock": jnp.zeros((2, 2)), "encoderblock_0": leaf})
+  # Other keys pass through untouched; trees without blocks are unchanged.
+  tree = {"a": {"encoderblock_0": {"w": leaf}, "encoderblock_1": {"w": leaf + 1}, "n": leaf}}
+  stacked = stack_layers(tree)
+  assert stacked["a"]["encoderblock"]["w"].shape == (2, 2)
+  assert stacked["a"]["n"] is leaf
+  assert stack_layers({"x": leaf}) == {"x": leaf}
+
+
+def test_scan_dropout_trains():
+  plain, x = tower("text", dropout=0.5)
+  params = plain.init(RNG, x)
+  scanned = tower("text", scan=True, dropout=0.5)[0]
+  train = scanned.apply(stack_layers(params), x, train=True, rngs={"dropout": RNG})[0]
+  assert bool(jnp.all(jnp.isfinite(train)))
+  assert float(jnp.abs(train - plain.apply(params, x)[0]).max()) > 1e-4
+
+
+def grad_temp_bytes(model, image) -> int:
+  """Compiler-reported scratch memory of d(sum(output)) / d(params)."""
+  params = jax.eval_shape(model.init, RNG, image)
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply(p, x)[0])))
+  return grad.lower(params, image).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_lowers_compiled_memory(scan):
+  image = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
+  size = dict(width=64, depth=4, mlp_dim=256, num_heads=2, patch_size=4, scan=scan)
+  none = grad_temp_bytes(ViT(**size, remat="none"), image)
+  full = grad_temp_bytes(ViT(**size, remat="full"), image)
+  assert full < none
+  if scan:
+    # Scanned, each layer's saved activations are a stacked buffer, so dropping them shows
+    # fully (unscanned, XLA:CPU hoists much of the recomputation and saves little).
+    assert full < none / 2
 
 
 def test_dropout_only_in_train():

@@ -75,3 +75,56 @@ def test_bad_optimizer_fields():
   config.freeze = (".*",)
   with pytest.raises(ConfigError, match=r"config\.freeze.*freezes every parameter"):
     make_optimizer(config, params)
+
+
+def _states(state, cls):
+  """Every `cls` node (e.g. optax.ScaleByAdamState) inside an optimizer state."""
+  return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls))
+          if isinstance(s, cls)]
+
+
+def _moment_config(name: str, mu_dtype: str, b1: float = 0.9) -> ml_collections.ConfigDict:
+  """A 10-step constant-lr config that freezes the `frozen` param."""
+  cfg = optim_cfg("constant")
+  cfg.name, cfg.b1, cfg.mu_dtype = name, b1, mu_dtype
+  cfg.schedule.warmup_steps = 0
+  return ml_collections.ConfigDict({"total_steps": 10, "freeze": ("frozen",), "optim": cfg})
+
+
+PARAMS = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}, "frozen": jnp.ones(2)}
+GRADS = jax.tree.map(lambda p: jnp.full_like(p, 0.5), PARAMS)
+
+
+@pytest.mark.parametrize("mu_dtype, want", [("float32", jnp.float32),
+                                            ("bfloat16", jnp.bfloat16)])
+def test_adamw_mu_dtype(mu_dtype, want):
+  tx, _ = make_optimizer(_moment_config("adamw", mu_dtype), PARAMS)
+  state = tx.init(PARAMS)
+  (adam,) = _states(state, optax.ScaleByAdamState)
+  mus, nus = jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu)
+  assert len(mus) == 2 and all(m.dtype == want for m in mus)    # Trained params only.
+  assert len(nus) == 2 and all(n.dtype == jnp.float32 for n in nus)
+  updates, state = jax.jit(tx.update)(GRADS, state, PARAMS)
+  (adam,) = _states(state, optax.ScaleByAdamState)
+  assert all(m.dtype == want for m in jax.tree.leaves(adam.mu))  # Kept after a step.
+  assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
+  # First step of Adam is -lr * sign(g) (plus decay on the kernel), bfloat16 mu or not.
+  np.testing.assert_allclose(updates["dense"]["bias"], -0.1, rtol=1e-2)
+  np.testing.assert_array_equal(updates["frozen"], 0.0)
+
+
+@pytest.mark.parametrize("name, cls, field", [("adafactor", optax.EmaState, "ema"),
+                                              ("sgd", optax.TraceState, "trace")])
+def test_momentum_dtype_other_optimizers(name, cls, field):
+  tx, _ = make_optimizer(_moment_config(name, "bfloat16"), PARAMS)
+  state = tx.init(PARAMS)
+  (momentum,) = _states(state, cls)
+  leaves = jax.tree.leaves(getattr(momentum, field))
+  assert len(leaves) == 2 and all(m.dtype == jnp.bfloat16 for m in leaves)
+  updates, _ = tx.update(GRADS, state, PARAMS)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_bad_mu_dtype():
+  with pytest.raises(ConfigError, match=r"optim\.mu_dtype='float16'.*'float32', 'bfloat16'"):
+    make_optimizer(_moment_config("adamw", "float16"), PARAMS)

@@ -1,9 +1,11 @@
 """Shared model parts: the ViT size grid, variant strings, encoder blocks, MAP head, posembs."""
 
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,6 +26,22 @@ SIZES: dict[str, dict[str, int]] = {
 
 SIZE_KEYS = ("width", "depth", "mlp_dim", "num_heads")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# What each EncoderBlock keeps for the backward pass; the rest is recomputed.
+#   none: keep every activation (fastest, most memory).
+#   full: keep only the block's input and recompute the whole block.
+#   dots: keep every matmul output (incl. attention logits / weighted values).
+#   dots_no_batch: keep matmul outputs without batch dims (the Dense projections and MLP,
+#     not the per-example attention einsums), so the O(N^2) attention maps are recomputed.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+_REMAT_FNS: dict[str, Callable[..., bool]] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+# Name of the scanned block's params; unscanned blocks are `{_BLOCK}_{i}`.
+_BLOCK = "encoderblock"
+_BLOCK_RE = re.compile(rf"{_BLOCK}_(\d+)")
 
 
 def _variant_help() -> str:
@@ -71,6 +89,20 @@ def resolve_dtype(name: str, field: str) -> Any:
   """Maps a config dtype name to the jnp dtype used for computation."""
   check_choice(field, name, DTYPES)
   return DTYPES[name]
+
+
+def resolve_remat(value: str | bool, field: str) -> str:
+  """Normalises a remat setting to one of REMAT_POLICIES (old configs used True / False)."""
+  if isinstance(value, (bool, np.bool_)):
+    return "full" if value else "none"
+  return check_choice(field, value, REMAT_POLICIES)
+
+
+def check_scan(value: Any, field: str) -> bool:
+  """`scan` must be a real bool: it changes the param tree, so a truthy string is a typo."""
+  if not isinstance(value, (bool, np.bool_)):
+    fail(field, value, "must be True or False")
+  return bool(value)
 
 
 def check_dropout(value: float, field: str) -> None:
@@ -145,24 +177,88 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Stack of `depth` EncoderBlocks (encoderblock_i) followed by a final LayerNorm."""
+  """`depth` EncoderBlocks then a final LayerNorm.
+
+  Unscanned, blocks are `encoderblock_0..depth-1`; with `scan=True` they are one
+  `encoderblock` whose params carry a leading [depth] axis (see stack_layers).
+  """
   depth: int
   mlp_dim: int
   num_heads: int
   dtype: Any = jnp.float32
   dropout: float = 0.0
-  remat: bool = False
+  # One of REMAT_POLICIES; True / False are accepted for old configs ("full" / "none").
+  remat: str | bool = "none"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None,
                deterministic: bool = True) -> jnp.ndarray:
     """x: [B, N, D] -> [B, N, D]; mask as in EncoderBlock."""
-    # `self` is argnum 0, so 3 is `deterministic`, which must stay a Python bool.
-    block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
-    for i in range(self.depth):
-      x = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.dropout,
-                    name=f"encoderblock_{i}")(x, mask, deterministic)
+    remat = resolve_remat(self.remat, "remat")
+    block_cls = EncoderBlock
+    if remat != "none":
+      # `self` is argnum 0, so 3 is `deterministic`, which must stay a Python bool. Inside
+      # scan the loop boundary already stops XLA from merging the recomputation with the
+      # forward pass, so the extra CSE barriers would only cost speed.
+      block_cls = nn.remat(EncoderBlock, policy=_REMAT_FNS[remat], static_argnums=(3,),
+                           prevent_cse=not self.scan)
+    if self.scan:
+      def body(block: nn.Module, carry: jnp.ndarray, layer_mask: jnp.ndarray | None
+               ) -> tuple[jnp.ndarray, None]:
+        return block(carry, layer_mask, deterministic), None
+
+      # One compiled block for all layers: compile time and program size stop growing
+      # with depth. Each layer gets its own params and dropout rng; the mask is shared.
+      scanned = nn.scan(body, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=nn.broadcast, length=self.depth)
+      block = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.dropout, name=_BLOCK)
+      x, _ = scanned(block, x, mask)
+    else:
+      for i in range(self.depth):
+        x = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.dropout,
+                      name=f"{_BLOCK}_{i}")(x, mask, deterministic)
     return nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="encoder_norm")(x)
+
+
+def _layer_count(tree: Mapping[str, Any]) -> int:
+  """Number of per-layer blocks in a dict, checking they are encoderblock_0..n-1."""
+  found = sorted(int(m.group(1)) for k in tree if (m := _BLOCK_RE.fullmatch(str(k))))
+  if found != list(range(len(found))):
+    raise ValueError(f"per-layer blocks must be {_BLOCK}_0..{_BLOCK}_{{n-1}}, got indices "
+                     f"{found}")
+  if found and _BLOCK in tree:
+    raise ValueError(f"both {_BLOCK!r} and {_BLOCK}_i keys in one dict: mixed layouts")
+  return len(found)
+
+
+def stack_layers(params: Any) -> Any:
+  """Per-layer params (encoderblock_i) -> scanned layout (encoderblock, leading [depth] axis)."""
+  if not isinstance(params, Mapping):
+    return params
+  n = _layer_count(params)
+  out = {k: stack_layers(v) for k, v in params.items() if not _BLOCK_RE.fullmatch(str(k))}
+  if n:
+    blocks = [params[f"{_BLOCK}_{i}"] for i in range(n)]
+    out[_BLOCK] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
+  return out
+
+
+def unstack_layers(params: Any) -> Any:
+  """Scanned layout (encoderblock with leading [depth] axis) -> per-layer encoderblock_i."""
+  if not isinstance(params, Mapping):
+    return params
+  _layer_count(params)  # Rejects a dict holding both layouts.
+  out = {k: unstack_layers(v) for k, v in params.items() if k != _BLOCK}
+  if _BLOCK in params:
+    stacked = params[_BLOCK]
+    depths = {leaf.shape[0] for leaf in jax.tree.leaves(stacked)}
+    if len(depths) != 1:
+      raise ValueError(f"{_BLOCK!r} leaves disagree on the layer count: {sorted(depths)}")
+    for i in range(depths.pop()):
+      out[f"{_BLOCK}_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
+  return out
 
 
 class MAPHead(nn.Module):

@@ -26,7 +26,11 @@ class TextTransformer(nn.Module):
   dropout: float = 0.0
   # Optional Dense projection named `head` after pooling (TwoTower sets it from embed_dim).
   head_dim: int | None = None
-  remat: bool = False
+  # Activation checkpointing per block: one of common.REMAT_POLICIES (True / False from old
+  # configs mean "full" / "none"). `scan` runs the blocks as one nn.scan: params become
+  # Transformer/encoderblock/... with a leading [depth] axis (common.stack_layers converts).
+  remat: str | bool = "none"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, *, train: bool = False
@@ -42,6 +46,8 @@ class TextTransformer(nn.Module):
     check_choice(f"{PREFIX}.pool_type", self.pool_type, POOL_TYPES)
     common.check_dropout(self.dropout, f"{PREFIX}.dropout")
     dtype = common.resolve_dtype(self.dtype, f"{PREFIX}.dtype")
+    remat = common.resolve_remat(self.remat, f"{PREFIX}.remat")
+    scan = common.check_scan(self.scan, f"{PREFIX}.scan")
     b, length = tokens.shape
     if length > self.max_len:
       fail(f"{PREFIX}.max_len", self.max_len, f"shorter than the input length {length}")
@@ -60,7 +66,7 @@ class TextTransformer(nn.Module):
     if self.causal:
       mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
     x = common.Encoder(size["depth"], size["mlp_dim"], size["num_heads"], dtype,
-                       self.dropout, self.remat, name="Transformer")(x, mask, not train)
+                       self.dropout, remat, scan, name="Transformer")(x, mask, not train)
 
     if self.pool_type == "last":
       # Index of the last real token (EOS): the pipeline appends EOS before any padding.

@@ -40,7 +40,11 @@ class ViT(nn.Module):
   dropout: float = 0.0
   # Optional Dense projection named `head` after pooling (TwoTower sets it from embed_dim).
   head_dim: int | None = None
-  remat: bool = False
+  # Activation checkpointing per block: one of common.REMAT_POLICIES (True / False from old
+  # configs mean "full" / "none"). `scan` runs the blocks as one nn.scan: params become
+  # Transformer/encoderblock/... with a leading [depth] axis (common.stack_layers converts).
+  remat: str | bool = "none"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, image: jnp.ndarray, *, train: bool = False
@@ -57,6 +61,8 @@ class ViT(nn.Module):
     check_choice(f"{PREFIX}.pool_type", self.pool_type, POOL_TYPES)
     common.check_dropout(self.dropout, f"{PREFIX}.dropout")
     dtype = common.resolve_dtype(self.dtype, f"{PREFIX}.dtype")
+    remat = common.resolve_remat(self.remat, f"{PREFIX}.remat")
+    scan = common.check_scan(self.scan, f"{PREFIX}.scan")
 
     b, h, w, _ = image.shape
     if h % ph or w % pw:
@@ -81,7 +87,7 @@ class ViT(nn.Module):
 
     x = nn.Dropout(rate=self.dropout)(x, not train)
     x = common.Encoder(size["depth"], size["mlp_dim"], size["num_heads"], dtype,
-                       self.dropout, self.remat, name="Transformer")(x, None, not train)
+                       self.dropout, remat, scan, name="Transformer")(x, None, not train)
 
     # aux tokens are patch tokens only, so N is the patch count for every pool type.
     tokens = x[:, 1:] if self.pool_type == "tok" else x
