@@ -6,6 +6,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from big_vlp import sharding
 from big_vlp.config_args import parse_arg
 from big_vlp.evaluators.zeroshot import DEFAULT_TEMPLATES
 
@@ -52,7 +53,10 @@ def data_config(data: str, *, data_dir: str | None, text_key: str, pp: str,
   """
   c = ml_collections.ConfigDict({
       "name": data, "split": split, "data_dir": opt_str(data_dir), "text_key": text_key,
-      "shuffle_buffer": shuffle_buffer, "pp": pp, "max_skip_fraction": 0.5})
+      "shuffle_buffer": shuffle_buffer, "pp": pp, "max_skip_fraction": 0.5,
+      # Input stream shards (default: one per process). Fixing it makes the global batches,
+      # and so the numbers, the same on any process count that divides it.
+      "shards": config_dict.placeholder(int)})
   parts = [p.strip() for p in data.split("+")]
   if len(parts) > 1 or ":" in data:
     mixture = {}
@@ -80,10 +84,23 @@ def opt_float(value: float | None = None) -> Any:
 def run_fields(config: ml_collections.ConfigDict, *, log_every: int, ckpt_every: int,
                keep_ckpts: int = 3, fsdp: int = 1) -> None:
   """Mesh, sharding rules, logging and checkpoint cadence."""
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": fsdp})
-  # 'fsdp' splits each parameter's largest divisible dimension; with fsdp=1 it replicates.
-  config.sharding_rules = [(".*", "fsdp")]
+  # Degrees within a slice (ICI) and across slices (DCN); -1 = the rest of the devices.
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": fsdp, "tensor": 1})
+  config.mesh_dcn = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+  # Transformer weights split by logical axis (width over 'fsdp', heads and MLP units over
+  # 'tensor'); with fsdp = tensor = 1 everything is replicated.
+  config.sharding_rules = list(sharding.TRANSFORMER_RULES)
+  config.logical_axes = ml_collections.ConfigDict(
+      {k: opt_str(v) for k, v in sharding.DEFAULT_LOGICAL_AXES.items()})
   config.freeze = ()
+  config.loss_impl = "global"
+  config.accum_steps = 1  # Micro-batches per step; the gradient stays the full-batch one.
+  # Multi-process runs: unset fields come from BIG_VLP_COORDINATOR / _NUM_PROCESSES /
+  # _PROCESS_ID, or are detected on Cloud TPU pods (see big_vlp.distributed).
+  config.distributed = ml_collections.ConfigDict({
+      "mode": "auto", "coordinator_address": opt_str(None),
+      "num_processes": config_dict.placeholder(int),
+      "process_id": config_dict.placeholder(int), "timeout_s": 300})
   config.log_every = log_every
   config.ckpt_every = ckpt_every
   config.keep_ckpts = keep_ckpts

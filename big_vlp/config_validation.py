@@ -3,7 +3,7 @@
 import math
 from typing import Any
 
-from big_vlp import losses, optim, sharding
+from big_vlp import distributed, losses, optim, sharding
 from big_vlp.config_errors import ConfigError, check_choice, fail
 from big_vlp.evaluators import EVALUATORS
 from big_vlp.models.common import decode_variant
@@ -53,8 +53,8 @@ def _check_data(config: Any) -> None:
     if (isinstance(weight, bool) or not isinstance(weight, (int, float))
         or not (0 < weight < math.inf)):
       fail(f"data.mixture.{label}.weight", weight, "must be a positive number")
-  for field in ("shuffle_buffer", "block_size"):
-    if field in dc:
+  for field in ("shuffle_buffer", "block_size", "shards"):
+    if dc.get(field) is not None:
       _positive_int(config, f"data.{field}")
   skip = dc.get("max_skip_fraction", 0.5)
   if isinstance(skip, bool) or not isinstance(skip, (int, float)) or not 0 <= skip <= 1:
@@ -84,13 +84,25 @@ def validate_config(config: Any, num_devices: int, process_count: int = 1) -> No
   _check_tower(config.model.text, "model.text", TEXT_POOLS)
   _positive_int(config, "model.text.max_len")
 
-  shape = sharding.mesh_shape(config.mesh, num_devices)
+  shape = sharding.mesh_shape(config.mesh, num_devices, config.get("mesh_dcn"),
+                              slices=process_count)
   dp = math.prod(s for a, s in zip(sharding.MESH_AXES, shape) if a in sharding.BATCH_AXES)
-  if batch % dp:
-    fail("batch_size", batch, f"must be divisible by the data-parallel size {dp} "
-         f"(mesh {dict(zip(sharding.MESH_AXES, shape))}); e.g. {batch - batch % dp or dp}")
+  accum = config.get("accum_steps", 1)
+  if isinstance(accum, bool) or not isinstance(accum, int) or accum <= 0:
+    fail("accum_steps", accum, "must be a positive integer (micro-batches per step)")
+  if batch % (dp * accum):
+    unit = dp * accum
+    fail("batch_size", batch, f"must be divisible by the data-parallel size {dp} times "
+         f"accum_steps={accum} (mesh {dict(zip(sharding.MESH_AXES, shape))}); e.g. "
+         f"{batch - batch % unit or unit}")
   if batch % process_count:
     fail("batch_size", batch, f"must be divisible by the process count {process_count}")
+  shards = config.data.get("shards") or process_count
+  if shards % process_count:
+    fail("data.shards", shards, f"must be a multiple of the process count {process_count}")
+  if batch % shards:
+    fail("batch_size", batch, f"must be divisible by data.shards={shards}")
+  distributed.settings(config)
   for i, item in enumerate(config.sharding_rules):
     if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
       fail(f"sharding_rules[{i}]", item, "each rule must be a (regex, rule) pair")

@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 import jax
 
-from big_vlp import checkpoint, sharding
+from big_vlp import checkpoint, distributed, sharding
 from big_vlp.config_errors import ConfigError
 from big_vlp.evaluators import build_evaluators
 from big_vlp.metric_writer import MetricWriter
@@ -36,7 +36,7 @@ def evaluate(config: Any, workdir: str, step: int | None = None,
   if tokenizer.vocab_size != meta["vocab_size"]:
     raise ConfigError(f"config.tokenizer={config.tokenizer!r} has {tokenizer.vocab_size} "
                       f"tokens but the checkpoint was trained with {meta['vocab_size']}")
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.mesh_from_config(config)
   batch_shapes = {
       "image": jax.ShapeDtypeStruct((config.batch_size, *meta["image_shape"]), "float32"),
       "text": jax.ShapeDtypeStruct((config.batch_size, meta["text_len"]), "int32")}
@@ -64,7 +64,9 @@ def evaluate(config: Any, workdir: str, step: int | None = None,
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
-  evaluate(f.config, cli_workdir(), f.step, f.output)
+  workdir = cli_workdir()
+  distributed.initialize(f.config)  # Before anything touches the devices.
+  evaluate(f.config, workdir, f.step, f.output)
 
 
 if __name__ == "__main__":

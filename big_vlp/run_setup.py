@@ -48,53 +48,93 @@ def make_tokenizer(config: Any, workdir: str) -> Any:
       yield from pipeline.iterate_texts(s.name, s.split, s.data_dir,
                                         key=dc.get("text_key", "caption"),
                                         limit=max(1, round(limit * s.weight / total_weight)))
-  return tokenizers.build_tokenizer(config.tokenizer, workdir=workdir, texts_fn=texts)
+  if jax.process_count() == 1:
+    return tokenizers.build_tokenizer(config.tokenizer, workdir=workdir, texts_fn=texts)
+  # Several processes: process 0 trains (if the spec trains), the others then load its file
+  # from the shared workdir, so every process tokenizes with the same vocabulary.
+  from jax.experimental import multihost_utils
+  tok = None
+  if jax.process_index() == 0:
+    tok = tokenizers.build_tokenizer(config.tokenizer, workdir=workdir, texts_fn=texts)
+  multihost_utils.sync_global_devices("big_vlp tokenizer")
+  if tok is None:
+    tok = tokenizers.build_tokenizer(config.tokenizer, workdir=workdir, texts_fn=texts)
+  return tok
 
 
-def make_input(config: Any, tokenizer: Any, start: Any):
-  """This process's infinite iterator of local batches, from `start` (a StreamState or an
-  example count)."""
+def input_shards(config: Any) -> int:
+  """Number of input stream shards: `data.shards`, or one per process when unset."""
+  shards = config.data.get("shards") or jax.process_count()
+  if shards % jax.process_count():
+    raise ConfigError(f"config.data.shards={shards} must be a multiple of the process count "
+                      f"{jax.process_count()} (each process reads whole shards)")
+  if config.batch_size % shards:
+    raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by "
+                      f"config.data.shards={shards}")
+  return shards
+
+
+def _my_shards(config: Any) -> range:
+  per = input_shards(config) // jax.process_count()
+  return range(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def make_input(config: Any, tokenizer: Any, starts: Any):
+  """This process's infinite iterator of local batches (a ShardedInput over its shards).
+
+  `starts`: one StreamState per shard of this process, or one example count for all.
+  """
   from big_vlp.data import stream
   dc = config.data
-  return stream.train_iterator(
+  shards = input_shards(config)
+  mine = _my_shards(config)
+  if not isinstance(starts, (list, tuple)):
+    starts = [starts] * len(mine)
+  iterators = [stream.train_iterator(
       data_sources(dc), pp=dc.pp, tokenizer=tokenizer,
-      local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-      start=start, process_index=jax.process_index(), process_count=jax.process_count(),
+      local_batch_size=config.batch_size // shards, seed=config.seed,
+      start=start, process_index=shard, process_count=shards,
       shuffle_buffer=dc.get("shuffle_buffer", 50_000), block_size=dc.get("block_size", 1024),
-      max_skip_fraction=dc.get("max_skip_fraction", 0.5))
+      max_skip_fraction=dc.get("max_skip_fraction", 0.5)) for shard, start in zip(mine, starts)]
+  return stream.ShardedInput(iterators, mine.start)
 
 
-def gather_stream_states(state: Any) -> list[dict[str, Any]]:
-  """Every process's input stream state (a collective: all processes call it together)."""
+def gather_stream_states(states: list[Any]) -> list[dict[str, Any]]:
+  """Every shard's input stream state, in shard order (a collective: all processes call
+  it together)."""
   if jax.process_count() == 1:
-    return [state.to_json()]
+    return [s.to_json() for s in states]
   from jax.experimental import multihost_utils
-  a = state.to_array()
+  a = np.stack([s.to_array() for s in states])  # [shards per process, K]
   halves = np.stack([(a >> 32).astype(np.int32), (a & 0xFFFFFFFF).astype(np.uint32).view(
       np.int32)])
-  gathered = np.asarray(multihost_utils.process_allgather(halves))  # [P, 2, K]
+  gathered = np.asarray(multihost_utils.process_allgather(halves))  # [P, 2, S/P, K]
   full = (gathered[:, 0].astype(np.int64) << 32) | gathered[:, 1].view(np.uint32).astype(
       np.int64)
-  return [type(state).from_array(row, state.sources).to_json() for row in full]
+  rows = full.reshape(-1, full.shape[-1])
+  return [type(states[0]).from_array(row, states[0].sources).to_json() for row in rows]
 
 
-def resume_position(meta: dict[str, Any], sources: list[Any], step: int,
-                    local_batch: int) -> Any:
-  """This process's stream state from checkpoint meta; approximated (with a warning) when
-  the checkpoint holds none that fits (older checkpoint, other process count or sources)."""
+def resume_position(meta: dict[str, Any], config: Any, step: int) -> Any:
+  """This process's per-shard stream states from checkpoint meta; approximated (with a
+  warning) when the checkpoint holds none that fits (older checkpoint, other shard count
+  or sources)."""
   from big_vlp.data.stream import StreamState
   states = meta.get("data_streams")
+  sources = data_sources(config.data)
   labels = [s.id for s in sources]
-  if states and len(states) == jax.process_count():
-    state = StreamState.from_json(states[jax.process_index()])
-    if state.sources == labels:
-      return state
+  shards = input_shards(config)
+  if states and len(states) == shards:
+    mine = [StreamState.from_json(states[i]) for i in _my_shards(config)]
+    if all(st.sources == labels for st in mine):
+      return mine
+  per_shard = step * (config.batch_size // shards)
   if jax.process_index() == 0:
     print(f"warning: the checkpoint of step {step} has no input position for this layout "
-          f"({jax.process_count()} process(es), sources {labels}); the input resumes at "
-          f"example {step * local_batch} of each process's stream (exact only if no "
-          "example was dropped).", file=sys.stderr, flush=True)
-  return step * local_batch
+          f"({shards} input shard(s), sources {labels}); the input resumes at example "
+          f"{per_shard} of each shard's stream (exact only if no example was dropped).",
+          file=sys.stderr, flush=True)
+  return per_shard
 
 
 class RunSpec(NamedTuple):
@@ -112,7 +152,7 @@ def make_run_spec(config: Any, mesh: Mesh, vocab_size: int,
   model = build_model(config, vocab_size)
   tx, schedule = make_optimizer(config, train_step.abstract_params(model, batch_shapes))
   abstract, shardings = train_step.abstract_state(model, tx, config.sharding_rules, mesh,
-                                                  batch_shapes)
+                                                  batch_shapes, config.get("logical_axes"))
   return RunSpec(model, tx, schedule, abstract, shardings)
 
 

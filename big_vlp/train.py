@@ -13,11 +13,11 @@ from ml_collections import config_flags
 
 import jax
 
-from big_vlp import checkpoint, config_validation, sharding, train_step
+from big_vlp import checkpoint, config_validation, distributed, sharding, train_step
 from big_vlp.metric_writer import MetricWriter, Progress, format_duration
 from big_vlp.evaluators import build_evaluators
-from big_vlp.run_setup import (cli_workdir, data_sources, gather_stream_states, make_input,
-                               make_run_spec, make_tokenizer, resume_position, run_evaluators)
+from big_vlp.run_setup import (cli_workdir, gather_stream_states, make_input, make_run_spec,
+                               make_tokenizer, resume_position, run_evaluators)
 
 
 def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, float]:
@@ -33,16 +33,14 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   if is_main:  # The exact config of the run, for the record.
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.mesh_from_config(config)
   ckpt = checkpoint.Checkpointer(workdir, every=config.ckpt_every, keep=config.keep_ckpts)
   start_step = ckpt.latest_step() or 0
-  local_batch = config.batch_size // jax.process_count()
 
   tokenizer = make_tokenizer(config, workdir)
   start = 0
   if start_step:
-    start = resume_position(ckpt.restore_meta(start_step), data_sources(config.data),
-                            start_step, local_batch)
+    start = resume_position(ckpt.restore_meta(start_step), config, start_step)
   batches = make_input(config, tokenizer, start)
   first = next(batches)
   batch_shapes = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype)
@@ -61,7 +59,8 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
     state = train_step.init_state(model, spec.tx, shardings, batch_shapes, config.seed)
   step_fn = train_step.make_train_step(model, spec.tx, config.loss, spec.schedule,
                                        shardings, mesh, tuple(batch_shapes),
-                                       loss_impl=config.get("loss_impl", "global"))
+                                       loss_impl=config.get("loss_impl", "global"),
+                                       accum_steps=config.get("accum_steps", 1))
   writer = MetricWriter(workdir, is_main=is_main)
   writer.truncate_after(start_step)
   evaluators = build_evaluators(config, model, tokenizer, mesh)
@@ -103,7 +102,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
     if ckpt.should_save(step, total) or stopping:
       ckpt.save(step, state, {**meta_base, "step": step,
                               "examples_seen": step * config.batch_size,
-                              "data_streams": gather_stream_states(batches.state())})
+                              "data_streams": gather_stream_states(batches.states())})
     if stopping:
       batches.close()
       ckpt.close()
@@ -128,11 +127,15 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
 
 def main(argv: list[str]) -> None:
   del argv
-  train(flags.FLAGS.config, cli_workdir())
+  workdir = cli_workdir()
+  distributed.initialize(flags.FLAGS.config)  # Before anything touches the devices.
+  train(flags.FLAGS.config, workdir, stop_at=flags.FLAGS.stop_at)
 
 
 if __name__ == "__main__":
   # Flags live here so that importing this module (tests, evaluate) defines none.
   config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+  flags.DEFINE_integer("stop_at", None, "End this invocation after this step with a "
+                       "checkpoint; running again with the same workdir continues exactly.")
   app.run(main)

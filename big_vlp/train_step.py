@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from big_vlp import losses, losses_sharded, sharding
 from big_vlp.tree_paths import leaf_paths, map_with_path
@@ -32,14 +32,15 @@ def abstract_params(model: nn.Module, batch_shapes: dict[str, jax.ShapeDtypeStru
                         jax.random.PRNGKey(0))
 
 
-def state_shardings(abstract_state: State, rules: Any, mesh: Mesh) -> State:
+def state_shardings(abstract_state: State, rules: Any, mesh: Mesh,
+                    logical_axes: Any = None) -> State:
   """Shardings of every state leaf: params by the rules, optimizer moments like their param.
 
   An optimizer-state leaf takes the sharding of the parameter whose path its own path ends
   with, if the shapes agree (Adam moments); anything else (counts, Adafactor's factored
   row/column statistics) is small and replicated.
   """
-  param_sh = sharding.param_shardings(abstract_state["params"], rules, mesh)
+  param_sh = sharding.param_shardings(abstract_state["params"], rules, mesh, logical_axes)
   by_path = {path: (leaf.shape, sh) for path, leaf, sh in zip(
       leaf_paths(abstract_state["params"]), jax.tree.leaves(abstract_state["params"]),
       jax.tree.leaves(param_sh, is_leaf=lambda x: isinstance(x, NamedSharding)))}
@@ -68,10 +69,11 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation, rules: Any, mesh: Mesh,
-                   batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> tuple[State, State]:
+                   batch_shapes: dict[str, jax.ShapeDtypeStruct],
+                   logical_axes: Any = None) -> tuple[State, State]:
   """(shape/dtype/sharding tree of the state, its shardings), allocating nothing."""
   shapes = jax.eval_shape(_init_fn(model, tx, batch_shapes), jax.random.PRNGKey(0))
-  shardings = state_shardings(shapes, rules, mesh)
+  shardings = state_shardings(shapes, rules, mesh, logical_axes)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           shapes, shardings)
   return abstract, shardings
@@ -87,33 +89,107 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, shardings: St
 LOSS_IMPLS = ("global", "sharded")
 
 
+def _contrastive(loss_name: str, loss_impl: str, mesh: Mesh) -> Callable:
+  """loss(zimg, ztxt, scale, bias) over the global batch, by the chosen implementation."""
+  if loss_impl not in LOSS_IMPLS:
+    raise ValueError(f"loss_impl={loss_impl!r}; allowed: {LOSS_IMPLS}")
+  if loss_impl == "sharded":
+    return lambda zi, zt, s, b: losses_sharded.contrastive_loss_sharded(
+        loss_name, zi, zt, s, b, mesh, sharding.BATCH_AXES)
+  return lambda zi, zt, s, b: losses.contrastive_loss(loss_name, zi, zt, s, b)
+
+
+def make_grad_fn(model: nn.Module, loss_name: str, mesh: Mesh, loss_impl: str = "global",
+                 accum_steps: int = 1) -> Callable:
+  """fn(params, batch, dropout_rng) -> (loss, grads, (zimg, ztxt, scalars)), to run in jit.
+
+  With accum_steps = k > 1 the batch is processed as k micro-batches whose gradient is the
+  full-batch gradient, not an average of k small-batch gradients (a contrastive loss couples
+  every pair in the batch): a first pass embeds every micro-batch without gradients; then
+  each micro-batch is embedded again with gradients and the loss of the whole batch is taken
+  with the cached embeddings standing in for the other micro-batches (open_clip's
+  accum-freq scheme). The temperature and bias get their gradient once, from the cached
+  embeddings. Activations of only one micro-batch are alive at a time; the loss itself still
+  sees the whole batch (use loss_impl='sharded' to keep its memory linear too).
+  """
+  contrastive = _contrastive(loss_name, loss_impl, mesh)
+
+  def embed(params, batch, rng):
+    return model.apply({"params": params}, batch["image"], batch["text"], train=True,
+                       rngs={"dropout": rng})
+
+  def full_batch(params, batch, rng):
+    def loss_fn(p):
+      zimg, ztxt, out = embed(p, batch, rng)
+      return contrastive(zimg, ztxt, out["scale"], out["bias"]), (zimg, ztxt, out)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, grads, aux
+
+  if accum_steps == 1:
+    return full_batch
+  k = accum_steps
+  micro_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+
+  def accumulated(params, batch, rng):
+    # Micro-batch j holds rows j, j + k, j + 2k, ...: every device keeps its own rows, and
+    # putting micro-batches back with swapaxes restores the original row order.
+    micro = {key: jax.lax.with_sharding_constraint(
+        jnp.swapaxes(v.reshape((v.shape[0] // k, k) + v.shape[1:]), 0, 1), micro_sh)
+             for key, v in batch.items()}
+    rngs = jax.random.split(rng, k)
+    frozen = jax.lax.stop_gradient(params)
+
+    def cache(_, xs):
+      mb, r = xs
+      zimg, ztxt, _ = embed(frozen, mb, r)
+      return None, (zimg, ztxt)
+    _, (zimg_c, ztxt_c) = jax.lax.scan(cache, None, (micro, rngs))  # [k, B/k, D]
+
+    def whole(z):  # [k, B/k, D] -> [B, D] in the batch's own row order.
+      return jnp.swapaxes(z, 0, 1).reshape((-1,) + z.shape[2:])
+
+    def scalars(p):
+      return model.apply({"params": p}, method="scale_bias")
+
+    # Temperature / bias: their gradient with every embedding held fixed.
+    def scalar_loss(p):
+      out = scalars(p)
+      return contrastive(whole(zimg_c), whole(ztxt_c), out["scale"], out["bias"])
+    loss, grads = jax.value_and_grad(scalar_loss)(params)
+    out = scalars(params)
+    scale, bias = jax.lax.stop_gradient(out["scale"]), jax.lax.stop_gradient(out["bias"])
+
+    def micro_grad(acc, xs):
+      j, mb, r = xs
+      def loss_fn(p):
+        zimg, ztxt, _ = embed(p, mb, r)
+        zi = jax.lax.dynamic_update_index_in_dim(zimg_c, zimg, j, 0)
+        zt = jax.lax.dynamic_update_index_in_dim(ztxt_c, ztxt, j, 0)
+        return contrastive(whole(zi), whole(zt), scale, bias)
+      g = jax.grad(loss_fn)(params)
+      return jax.tree.map(jnp.add, acc, g), None
+    grads, _ = jax.lax.scan(micro_grad, grads, (jnp.arange(k), micro, rngs))
+    return loss, grads, (whole(zimg_c), whole(ztxt_c), out)
+
+  return accumulated
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_name: str,
                     schedule: Callable, shardings: State, mesh: Mesh,
                     batch_keys: tuple[str, ...] = ("image", "text"),
-                    loss_impl: str = "global") -> Callable:
+                    loss_impl: str = "global", accum_steps: int = 1) -> Callable:
   """One jitted step: forward both towers, loss, gradients, optimizer update, metrics.
 
   `loss_impl` 'global' writes the loss over the whole batch and lets XLA partition it;
   'sharded' computes it per device with shard_map (ring SigLIP, gather-with-grad CLIP,
   `big_vlp.losses_sharded`), whose logits blocks grow linearly with the batch.
+  `accum_steps` > 1 computes the exact full-batch gradient in micro-batches (make_grad_fn).
   """
-  if loss_impl not in LOSS_IMPLS:
-    raise ValueError(f"loss_impl={loss_impl!r}; allowed: {LOSS_IMPLS}")
+  grad_fn = make_grad_fn(model, loss_name, mesh, loss_impl, accum_steps)
+
   def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
     rng, dropout_rng = jax.random.split(state["rng"])
-
-    def loss_fn(params):
-      zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"],
-                                    train=True, rngs={"dropout": dropout_rng})
-      if loss_impl == "sharded":
-        loss = losses_sharded.contrastive_loss_sharded(
-            loss_name, zimg, ztxt, out["scale"], out["bias"], mesh, sharding.BATCH_AXES)
-      else:
-        loss = losses.contrastive_loss(loss_name, zimg, ztxt, out["scale"], out["bias"])
-      return loss, (zimg, ztxt, out)
-
-    (loss, (zimg, ztxt, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"])
+    loss, grads, (zimg, ztxt, out) = grad_fn(state["params"], batch, dropout_rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     bias = out["bias"]

@@ -45,7 +45,7 @@ def final_params(config, workdir):
   meta = ckpt.restore_meta(step)
   shapes = {"image": jax.ShapeDtypeStruct((config.batch_size, *meta["image_shape"]), "float32"),
             "text": jax.ShapeDtypeStruct((config.batch_size, meta["text_len"]), "int32")}
-  spec = make_run_spec(config, sharding.make_mesh(config.mesh), meta["vocab_size"], shapes)
+  spec = make_run_spec(config, sharding.mesh_from_config(config), meta["vocab_size"], shapes)
   state, _ = ckpt.restore(step, spec.abstract_state)
   ckpt.close()
   return step, jax.device_get(state)

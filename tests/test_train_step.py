@@ -1,12 +1,15 @@
 """The jitted train step: 1 device vs an 8-device (data x fsdp) mesh, real sharding, freezing."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
-from big_vlp import sharding, train_step
+from big_vlp import losses, sharding, train_step
 from big_vlp.config_errors import ConfigError
 from big_vlp.model_factory import build_model
 from big_vlp.optim import make_optimizer
@@ -71,38 +74,91 @@ def test_sharded_loss_step_equals_global_loss_step(loss):
                                err_msg=path)
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
-def test_one_device_equals_8_device_mesh(loss):
+@functools.lru_cache(maxsize=None)
+def one_device_run(loss):
+  """Reference: 2 steps on one device (cached: several mesh tests compare against it)."""
+  one = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+  s1, l1, _ = run_steps(tiny_config(loss, eps=1e-3), one, sharding.TRANSFORMER_RULES, steps=2)
+  return jax.device_get(s1["params"]), l1
+
+
+# (mesh, mesh_dcn): data / FSDP / tensor parallel alone and mixed, and across 2 "slices".
+MESHES = {
+    "data8": ({"data": -1}, None),
+    "fsdp8": ({"data": 1, "fsdp": -1}, None),
+    "data2_fsdp2_tensor2": ({"data": 2, "fsdp": 2, "tensor": 2}, None),
+    "fsdp4_tensor2": ({"data": 1, "fsdp": 4, "tensor": 2}, None),
+    "dcn_data2_x_fsdp2_tensor2": ({"data": 1, "fsdp": 2, "tensor": 2}, {"data": 2}),
+}
+
+
+@pytest.mark.parametrize("loss,mesh_name", [("sigmoid", m) for m in MESHES]
+                         + [("softmax", "data2_fsdp2_tensor2")])
+def test_one_device_equals_8_device_mesh(loss, mesh_name):
   # Adam divides by sqrt(v) + eps, so with a tiny eps a gradient at rounding level (e.g.
   # attention key biases, whose true gradient is exactly zero) becomes a full-size update
   # whose sign depends on summation order. eps=1e-3 keeps such updates at rounding level
   # while real gradients (>1e-3) are still normalised as Adam does.
   config = tiny_config(loss, eps=1e-3)
-  rules = [(".*", "fsdp")]
-  one = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-  eight = sharding.make_mesh({"data": 2, "fsdp": -1})
-  assert dict(eight.shape) == {"data": 2, "fsdp": 4}
-  s1, l1, _ = run_steps(config, one, rules)
-  s8, l8, _ = run_steps(config, eight, rules)
+  mesh_cfg, dcn = MESHES[mesh_name]
+  eight = sharding.make_mesh(mesh_cfg, dcn_cfg=dcn)
+  assert eight.devices.size == 8
+  p1, l1 = one_device_run(loss)
+  s8, l8, _ = run_steps(config, eight, sharding.TRANSFORMER_RULES, steps=2)
   np.testing.assert_allclose(l1, l8, rtol=2e-5)
   assert l1[0] != l1[-1]
-  for path, a, b in zip(leaf_paths(s1["params"]), jax.tree.leaves(s1["params"]),
-                        jax.tree.leaves(s8["params"])):
+  for path, a, b in zip(leaf_paths(p1), jax.tree.leaves(p1), jax.tree.leaves(s8["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
                                err_msg=path)
-  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
-      jax.tree.leaves(s1["params"]), jax.tree.leaves(run_steps(config, one, rules, 0)[0]["params"])))
-  assert moved > 1e-3  # The params did change, so equality above is not vacuous.
 
-  # Params really are split as the rule says: largest divisible dim over 'fsdp'.
-  kernel = s8["params"]["img"]["embedding"]["kernel"]          # (8, 8, 3, 32)
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
-  assert kernel.addressable_shards[0].data.shape == (8, 8, 3, 8)
-  # Optimizer moments are sharded like their parameter, not replicated on one device.
+  # Params really are split as the logical rules say: width over 'fsdp', MLP hidden units
+  # and heads over 'tensor'; Adam's moments follow their parameter.
+  fsdp, tensor = eight.shape["fsdp"], eight.shape["tensor"]
+  blk = s8["params"]["img"]["Transformer"]["encoderblock_0"]
+  mlp_in = blk["MlpBlock_0"]["Dense_0"]["kernel"]                      # (32, 64)
+  assert mlp_in.addressable_shards[0].data.shape == (32 // fsdp, 64 // tensor)
+  query = blk["MultiHeadDotProductAttention_0"]["query"]["kernel"]     # (32, 2 heads, 16)
+  assert query.addressable_shards[0].data.shape == (32 // fsdp, 2 // tensor, 16)
   mu = s8["opt_state"].inner_states["train"].inner_state[1][0].mu
-  mu_kernel = mu["img"]["embedding"]["kernel"]
-  assert mu_kernel.sharding.spec == kernel.sharding.spec
-  assert len(mu_kernel.sharding.device_set) == 8
+  mu_mlp = mu["img"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert mu_mlp.sharding.spec == mlp_in.sharding.spec
+  assert len(mu_mlp.sharding.device_set) == 8
+
+
+@pytest.mark.parametrize("loss,impl", [("sigmoid", "sharded"), ("softmax", "global")])
+def test_accumulated_gradient_equals_full_batch_gradient(loss, impl):
+  # 4 micro-batches on a data x fsdp x tensor mesh: the same loss and gradient (all params,
+  # including temperature and bias) as the whole batch at once.
+  config = tiny_config(loss)
+  model = build_model(config, VOCAB)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  batch = train_step.global_batch(make_batch(5, n=32), mesh)
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  params = jax.jit(lambda r: train_step._init_params(model, r, shapes))(jax.random.PRNGKey(0))
+  if "b" in params:  # Away from the init's b = -10, where negatives hardly matter.
+    params["b"] = jnp.zeros_like(params["b"])
+  full = jax.jit(train_step.make_grad_fn(model, loss, mesh, impl, 1))
+  accum = jax.jit(train_step.make_grad_fn(model, loss, mesh, impl, 4))
+  (l_full, g_full, aux_full), (l_acc, g_acc, aux_acc) = [
+      jax.device_get(f(params, batch, jax.random.PRNGKey(1))) for f in (full, accum)]
+  np.testing.assert_allclose(l_acc, l_full, rtol=1e-5)
+  for path, a, b in zip(leaf_paths(g_full), jax.tree.leaves(g_full), jax.tree.leaves(g_acc)):
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-5, err_msg=path)
+  assert abs(float(g_full["t"])) > 1e-4  # The temperature's gradient is counted once.
+  np.testing.assert_allclose(aux_acc[0], aux_full[0], rtol=1e-5, atol=1e-6)
+  # Not the average of per-micro-batch gradients, which a naive accumulation would give.
+  naive = jax.jit(lambda p, b: jax.grad(lambda q: sum(
+      losses.contrastive_loss(loss, *_embed_scale(model, q, b, j)) for j in range(4)) / 4)(p))
+  g_naive = jax.device_get(naive(params, batch))
+  diff = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(
+      jax.tree.leaves(g_naive), jax.tree.leaves(g_full))))
+  assert diff > 0.05 * float(optax.tree.norm(g_full))
+
+
+def _embed_scale(model, params, batch, j):
+  micro = {k: v[j::4] for k, v in batch.items()}
+  zimg, ztxt, out = model.apply({"params": params}, micro["image"], micro["text"])
+  return zimg, ztxt, out["scale"], out["bias"]
 
 
 def test_explicit_rules_and_replicate():
@@ -116,21 +172,48 @@ def test_explicit_rules_and_replicate():
       jax.sharding.PartitionSpec()
 
 
+def test_logical_axis_rules():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  params = {"mlp": jnp.zeros((8, 6)), "scanned": jnp.zeros((3, 8, 6)),
+            "odd": jnp.zeros((5, 6)), "twice": jnp.zeros((8, 8))}
+  rules = [("mlp|scanned|odd", ("embed", "mlp")), ("twice", ("fsdp", "fsdp"))]
+  specs = sharding.param_specs(params, rules, mesh)
+  P = jax.sharding.PartitionSpec
+  assert specs["mlp"] == P("fsdp", "tensor")
+  assert specs["scanned"] == P(None, "fsdp", "tensor")  # A leading layer axis stays whole.
+  assert specs["odd"] == P(None, "tensor")              # 5 rows don't split over fsdp=2.
+  assert specs["twice"] == P("fsdp")                    # A mesh axis is used once per param.
+  # Remapping a logical axis moves the split without touching the rules.
+  remapped = sharding.param_specs(params, rules, mesh, {"embed": ("data", "fsdp"),
+                                                        "mlp": None})
+  assert remapped["mlp"] == P(("data", "fsdp"))
+  with pytest.raises(ConfigError, match=r"logical_axes\['mlp'\]='model'.*not a mesh axis"):
+    sharding.param_specs(params, rules, mesh, {"embed": "fsdp", "mlp": "model"})
+  table = sharding.sharding_table(params, sharding.param_shardings(params, rules, mesh))
+  assert "P('fsdp', 'tensor')" in table and "(4, 3)" in table
+
+
 def test_uncovered_param_is_an_error():
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
   with pytest.raises(ConfigError, match="no rule for these parameters: img/b"):
     sharding.param_specs({"img": {"a": jnp.zeros(2), "b": jnp.zeros(2)}}, [("img/a", "fsdp")],
                          mesh)
-  with pytest.raises(ConfigError, match="unknown mesh axis 'model'"):
+  with pytest.raises(ConfigError, match="unknown axis 'model'.*mesh axes data, fsdp, tensor"):
     sharding.param_specs({"a": jnp.zeros((2, 2))}, [(".*", ("model", None))], mesh)
 
 
 def test_mesh_errors_name_the_field():
   with pytest.raises(ConfigError, match=r"config.mesh.*needs 6 devices but 8"):
     sharding.mesh_shape({"data": 3, "fsdp": 2}, 8)
-  with pytest.raises(ConfigError, match="unknown axes \\['tensor'\\]"):
-    sharding.mesh_shape({"data": -1, "tensor": 2}, 8)
-  assert sharding.mesh_shape({"data": -1, "fsdp": 2}, 8) == (4, 2)
+  with pytest.raises(ConfigError, match="unknown axes \\['model'\\]"):
+    sharding.mesh_shape({"data": -1, "model": 2}, 8)
+  assert sharding.mesh_shape({"data": -1, "fsdp": 2}, 8) == (4, 2, 1)
+  # Within-slice degrees times across-slice (DCN) degrees; -1 is the rest at each level.
+  assert sharding.mesh_shape({"data": -1, "tensor": 2}, 8, {"data": 2}) == (4, 1, 2)
+  assert sharding.level_shapes({"fsdp": -1}, 8, {"data": -1}, slices=4) == ((1, 2, 1),
+                                                                            (4, 1, 1))
+  with pytest.raises(ConfigError, match=r"config.mesh_dcn.*3 slices.*8 devices"):
+    sharding.mesh_shape({"data": -1}, 8, {"data": 3})
 
 
 def test_frozen_params_unchanged_and_stateless():

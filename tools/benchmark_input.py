@@ -106,7 +106,7 @@ def pipeline_rate(config, workdir: str, seconds: float) -> tuple[float, float, d
 def step_rate(config, first: dict, vocab_size: int, steps: int) -> tuple[float, float]:
   """(img/s of the jitted train step, compile + first step s) on the config's model."""
   config.mesh = {"data": -1, "fsdp": 1}
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.mesh_from_config(config)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in first.items()}
   spec = make_run_spec(config, mesh, vocab_size, shapes)
   state = train_step.init_state(spec.model, spec.tx, spec.shardings, shapes, config.seed)

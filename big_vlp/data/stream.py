@@ -384,3 +384,48 @@ class TrainIterator:
   def close(self) -> None:
     """Releases the pipeline (its buffers and background threads)."""
     self._it = None
+
+
+class ShardedInput:
+  """This process's input as several stream shards whose batches are concatenated.
+
+  The global batch is always `num_shards` shard batches in shard order, whichever process
+  reads each shard, so the same config gives the same global batches (and the same numbers)
+  on any number of processes that divides `num_shards`, and a checkpoint's per-shard
+  positions resume exactly on another process count.
+  """
+
+  def __init__(self, iterators: Sequence[TrainIterator], first_shard: int):
+    self._its = list(iterators)
+    self.first_shard = first_shard
+
+  def __iter__(self) -> "ShardedInput":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self._its]
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def states(self) -> list[StreamState]:
+    """Stream state of each of this process's shards, in shard order."""
+    return [it.state() for it in self._its]
+
+  def stats(self) -> dict[str, float]:
+    """Dropped-example counts (total and per source) over this process's shards."""
+    totals: dict[str, float] = {}
+    read = 0
+    for it in self._its:
+      st = it.state()
+      read += sum(st.positions)
+      for k, v in it.stats().items():
+        if k != "skipped_fraction":
+          totals[k] = totals.get(k, 0.0) + v
+    totals["skipped_fraction"] = totals.get("skipped", 0.0) / max(read, 1)
+    return totals
+
+  def close(self) -> None:
+    """Releases every shard's pipeline."""
+    for it in self._its:
+      it.close()

@@ -92,7 +92,10 @@ class TwoTower(nn.Module):
     """Returns (zimg, ztxt, {'t', 'scale', 'bias'}); scale = exp(t), clamped by max_scale."""
     zimg = self.encode_image(image, train=train)
     ztxt = self.encode_text(tokens, train=train)
+    return zimg, ztxt, self.scale_bias()
+
+  def scale_bias(self) -> dict[str, Any]:
+    """{'t', 'scale', 'bias'}: the loss's learned scalars, without running the towers."""
     t = self.t
     log_scale = t if self.max_scale is None else jnp.minimum(t, math.log(self.max_scale))
-    out = {"t": t, "scale": jnp.exp(log_scale), "bias": self.b}
-    return zimg, ztxt, out
+    return {"t": t, "scale": jnp.exp(log_scale), "bias": self.b}
