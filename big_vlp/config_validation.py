@@ -6,7 +6,7 @@ from typing import Any
 from big_vlp import distributed, losses, optim, sharding
 from big_vlp.config_errors import ConfigError, check_choice, fail
 from big_vlp.evaluators import EVALUATORS
-from big_vlp.models.common import decode_variant
+from big_vlp.models.common import check_scan, decode_variant, resolve_remat
 
 IMAGE_POOLS = ("gap", "map", "tok")
 TEXT_POOLS = ("last", "first", "gap", "map")
@@ -29,6 +29,8 @@ def _check_tower(cfg: Any, field: str, pools: tuple[str, ...]) -> None:
   decode_variant(cfg.get("variant"), field=f"{field}.variant")
   check_choice(f"{field}.pool_type", cfg.get("pool_type", pools[0]), pools)
   check_choice(f"{field}.dtype", cfg.get("dtype", "float32"), DTYPES)
+  resolve_remat(cfg.get("remat", "none"), f"{field}.remat")
+  check_scan(cfg.get("scan", False), f"{field}.scan")
 
 
 MIXTURE_FIELDS = ("name", "split", "data_dir", "weight", "pp")
@@ -74,6 +76,7 @@ def validate_config(config: Any, num_devices: int, process_count: int = 1) -> No
   check_choice("loss_impl", config.get("loss_impl", "global"), ("global", "sharded"))
   _check_data(config)
   check_choice("optim.name", config.optim.name, optim.OPTIMIZERS)
+  check_choice("optim.mu_dtype", config.optim.get("mu_dtype", "float32"), optim.MU_DTYPES)
   check_choice("optim.schedule.name", config.optim.schedule.name, optim.SCHEDULES)
   warmup = config.optim.schedule.get("warmup_steps", 0)
   if not 0 <= warmup <= total:
