@@ -19,12 +19,17 @@ Implementations:
 
   naive   `big_vlp.losses.sigmoid_loss` / `softmax_loss` on the global batch; XLA's
           GSPMD partitioner decides how to split the B x B logits.
-  linear  `big_vlp.losses_sharded.ring_sigmoid_loss` / `gather_softmax_loss` with
-          axes=('data',) (shard_map: b x b blocks on a ring / b x B rows after a gather).
+  ring    `big_vlp.losses_sharded.ring_sigmoid_loss` / `ring_softmax_loss` with
+          axes=('data',): shard_map, b x b blocks on a ring in both passes (custom_vjp).
+  gather  softmax only: `big_vlp.losses_sharded.gather_softmax_loss`, b x B rows after an
+          all-gather of each tower.
+
+At a fixed b the ring versions' temp stays flat in n (they hold a couple of b x b blocks and
+a few b x D buffers, whatever n), while naive and gather grow linearly (b x B rows).
 
 --forward_only compiles the loss without its gradient, to tell the forward pass's working
-memory from what reverse mode keeps for the backward pass (e.g. the residuals that the
-autodiff of the ring's fori_loop stacks per hop).
+memory from what the backward pass adds (for naive and gather: the b x B residuals that
+reverse mode keeps; for the rings: a second pass over the ring).
 """
 
 import argparse
@@ -38,7 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 MiB = 1024 * 1024
-IMPLS = ("naive", "linear")
+# The implementations measured per loss.
+IMPLS = {"sigmoid": ("naive", "ring"), "softmax": ("naive", "gather", "ring")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="comma-separated losses: sigmoid, softmax")
   parser.add_argument("--json", default=None, help="also write the rows to this file")
   parser.add_argument("--forward_only", action="store_true",
-                      help="compile the loss alone instead of value_and_grad (diagnostic)")
+                      help="compile the loss alone instead of value_and_grad, to separate "
+                      "the forward's memory from the backward's")
   args = parser.parse_args(argv)
   args.devices = [int(d) for d in args.devices.split(",") if d]
   args.losses = [name for name in args.losses.split(",") if name]
@@ -79,6 +86,8 @@ def loss_fn(name: str, impl: str, mesh: Any) -> tuple[Callable[..., Any], int]:
   """The loss as f(zimg, ztxt, scale[, bias]) and its number of arguments."""
   # pylint: disable=import-outside-toplevel
   from big_vlp import losses, losses_sharded
+  if impl not in IMPLS[name]:
+    raise ValueError(f"no impl {impl!r} for loss {name!r}; allowed: {IMPLS[name]}")
   axes = ("data",)
   if name == "sigmoid":
     if impl == "naive":
@@ -87,8 +96,9 @@ def loss_fn(name: str, impl: str, mesh: Any) -> tuple[Callable[..., Any], int]:
         x, y, s, b, mesh=mesh, axes=axes)), 4
   if impl == "naive":
     return losses.softmax_loss, 3
-  return (lambda x, y, s: losses_sharded.gather_softmax_loss(
-      x, y, s, mesh=mesh, axes=axes)), 3
+  sharded = {"gather": losses_sharded.gather_softmax_loss,
+             "ring": losses_sharded.ring_softmax_loss}[impl]
+  return (lambda x, y, s: sharded(x, y, s, mesh=mesh, axes=axes)), 3
 
 
 def measure(name: str, impl: str, devices: int, per_device_batch: int, dim: int,
@@ -164,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
   print(f"command: {command}\n")
   rows = []
   for name in args.losses:
-    for impl in IMPLS:
+    for impl in IMPLS[name]:
       for n in args.devices:
         rows.append(measure(name, impl, n, args.per_device_batch, args.dim,
                             args.forward_only))
