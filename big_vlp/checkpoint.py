@@ -10,13 +10,16 @@ import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with the project's item layout."""
 
   def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    # Bucket paths (gs://...) pass through; local ones are made absolute for orbax.
+    base = workdir if "://" in workdir else os.path.abspath(workdir)
+    self.directory = str(epath.Path(base) / "checkpoints")
     self.every = int(every)
     self._mgr = ocp.CheckpointManager(
         self.directory,

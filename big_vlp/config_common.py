@@ -120,7 +120,10 @@ def pod_config(arg: str | None, *, loss: str, tokenizer: str, examples: int, tex
                 retrieval_data="coco_captions", retrieval_split="val", tokenizer=tokenizer,
                 examples=examples, batch=32_768, seed=0, fsdp=-1, runlocal=False)
   res = 224
-  image, text = dict(image), dict(text, max_len=text_len)
+  # Memory options (remat policy per block, nn.scan over layers) are plain fields to
+  # override, e.g. --config.model.image.remat=full.
+  image = {"remat": "none", "scan": False, **image}
+  text = {"remat": "none", "scan": False, **text, "max_len": text_len}
   if a.runlocal:
     a.update(data="big_vlp_shapes/small", eval_data="big_vlp_shapes/small", eval_split="test",
              retrieval_data="big_vlp_shapes/small", tokenizer="bytes", batch=16,
@@ -144,7 +147,8 @@ def pod_config(arg: str | None, *, loss: str, tokenizer: str, examples: int, tex
       "image": image, "text": text, "embed_dim": embed_dim,
       "temperature_init": opt_float(), "bias_init": opt_float(),
       "max_scale": opt_float(max_scale)})
-  optim = dict(optim, grad_clip_norm=opt_float(optim.get("grad_clip_norm")))
+  optim = dict(optim, grad_clip_norm=opt_float(optim.get("grad_clip_norm")),
+               mu_dtype=optim.get("mu_dtype", "float32"))
   optim["schedule"] = dict(optim["schedule"], warmup_steps=min(
       optim["schedule"]["warmup_steps"], c.total_steps // 10))
   c.optim = ml_collections.ConfigDict(optim)

@@ -3,10 +3,11 @@ TensorBoard event files, and a progress line on the console."""
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Mapping
+
+from etils import epath
 
 
 def _jsonable(v: Any) -> Any:
@@ -17,41 +18,46 @@ def _jsonable(v: Any) -> Any:
 
 
 class MetricWriter:
-  """Appends metric events; only the main process writes."""
+  """Appends metric events; only the main process writes. The workdir may be local or a
+  bucket path such as gs://... (epath)."""
 
   def __init__(self, workdir: str, *, is_main: bool = True, tensorboard: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self.is_main = is_main
     self._tb = None
     if is_main:
-      os.makedirs(workdir, exist_ok=True)
+      self.path.parent.mkdir(parents=True, exist_ok=True)
       if tensorboard:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        try:
+          from tensorboardX import SummaryWriter
+          self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+        except Exception as e:  # pylint: disable=broad-except
+          print(f"warning: no TensorBoard files ({type(e).__name__}: {e}); metrics.jsonl "
+                "is still written", file=sys.stderr)
 
   def truncate_after(self, step: int) -> None:
     """Drops events logged after `step` (work lost by a crash that is now being redone)."""
-    if not self.is_main or not os.path.exists(self.path):
+    if not self.is_main or not self.path.exists():
       return
     kept = []
-    with open(self.path) as f:
+    with self.path.open() as f:
       for line in f:
         try:
           if json.loads(line).get("step", 0) <= step:
             kept.append(line)
         except json.JSONDecodeError:
           pass  # A line cut short by a kill.
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
+    tmp = self.path.parent / (self.path.name + ".tmp")
+    with tmp.open("w") as f:
       f.writelines(kept)
-    os.replace(tmp, self.path)
+    tmp.replace(self.path)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Writes one event."""
     if not self.is_main:
       return
     event = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
+    with self.path.open("a") as f:
       f.write(json.dumps(event) + "\n")
     if self._tb is not None:
       for k, v in event.items():

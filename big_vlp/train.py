@@ -4,11 +4,11 @@ Reading order: set-up (mesh, tokenizer, model, optimizer, state or resume), then
 (input -> jitted step -> logging -> checkpoint -> evaluators), then the final evaluation.
 """
 
-import os
 import time
 from typing import Any
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 import jax
@@ -29,10 +29,9 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   # ---- set-up ------------------------------------------------------------------------
   config_validation.validate_config(config, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or gs://...
   if is_main:  # The exact config of the run, for the record.
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   mesh = sharding.mesh_from_config(config)
   ckpt = checkpoint.Checkpointer(workdir, every=config.ckpt_every, keep=config.keep_ckpts)
   start_step = ckpt.latest_step() or 0

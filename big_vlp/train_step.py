@@ -115,8 +115,11 @@ def make_grad_fn(model: nn.Module, loss_name: str, mesh: Mesh, loss_impl: str = 
   contrastive = _contrastive(loss_name, loss_impl, mesh)
 
   def embed(params, batch, rng):
-    return model.apply({"params": params}, batch["image"], batch["text"], train=True,
-                       rngs={"dropout": rng})
+    # The mesh in context lets the towers pin activations to the batch axes
+    # (models.common.constrain).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return model.apply({"params": params}, batch["image"], batch["text"], train=True,
+                         rngs={"dropout": rng})
 
   def full_batch(params, batch, rng):
     def loss_fn(p):

@@ -49,10 +49,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict({
       "image": {"variant": "Ti/8", "width": width, "depth": depth, "mlp_dim": 4 * width,
                 "num_heads": heads, "pool_type": "map", "posemb": "learn",
-                "dtype": "float32"},
+                "dtype": "float32", "remat": "none", "scan": False},
       "text": {"variant": "Ti", "width": width, "depth": depth, "mlp_dim": 4 * width,
                "num_heads": heads, "max_len": text_len, "pool_type": "last",
-               "causal": False, "dtype": "float32"},
+               "causal": False, "dtype": "float32", "remat": "none", "scan": False},
       "embed_dim": 128,
       # None = the standard init of the loss (REFERENCE: SigLIP t=log 10, b=-10; CLIP 1/0.07).
       "temperature_init": opt_float(), "bias_init": opt_float(),
@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict({
       "name": "adamw", "lr": 1e-3, "wd": 1e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
-      "grad_clip_norm": 1.0, "wd_rules": (".*/kernel",),
+      "grad_clip_norm": 1.0, "wd_rules": (".*/kernel",), "mu_dtype": "float32",
       "schedule": {"name": "cosine", "warmup_steps": min(100, a.steps // 10),
                    "end_factor": 0.0}})
 

@@ -127,6 +127,31 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0,
   return jnp.asarray(pe[None], dtype)
 
 
+# Logical activation dimensions -> mesh axes (the train step's mesh; see big_vlp.sharding).
+ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"), "mlp": ("tensor",), "heads": ("tensor",)}
+
+
+def constrain(x: jnp.ndarray, *names: str | None) -> jnp.ndarray:
+  """Pins an activation's sharding (one logical name or None per dim) on the mesh in context.
+
+  Without it GSPMD may resolve the clash between batch-split activations and width-split
+  (FSDP) weights by gathering the batch, which multiplies activation memory by the device
+  count. The train step sets the mesh (jax.sharding.use_abstract_mesh); elsewhere (eval,
+  tests) this is a no-op. An axis that does not divide its dimension is left out.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = []
+  for dim, name in zip(x.shape, names):
+    axes = tuple(a for a in ACTIVATION_AXES.get(name, ()) if a in mesh.axis_names
+                 and mesh.shape[a] > 1) if name else ()
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    spec.append(axes if axes and dim % size == 0 else None)
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
 class MlpBlock(nn.Module):
   """Two-layer GELU MLP used inside every transformer block."""
   mlp_dim: int
@@ -141,7 +166,7 @@ class MlpBlock(nn.Module):
                                kernel_init=nn.initializers.xavier_uniform(),
                                bias_init=nn.initializers.normal(stddev=1e-6))
     x = dense(self.mlp_dim)(x)
-    x = nn.gelu(x)
+    x = constrain(nn.gelu(x), "batch", None, "mlp")  # Hidden units split under tensor par.
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
     return dense(width)(x)
 
@@ -165,6 +190,7 @@ class EncoderBlock(nn.Module):
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None,
                deterministic: bool = True) -> jnp.ndarray:
     """x: [B, N, D]; mask: bool [B, 1|H, N, N], True where a query may attend a key."""
+    x = constrain(x, "batch", None, None)
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
     y = _attention(self.num_heads, self.dtype)(
         y, y, mask=mask, deterministic=deterministic)
@@ -173,7 +199,7 @@ class EncoderBlock(nn.Module):
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
     y = MlpBlock(self.mlp_dim, self.dtype, self.dropout)(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    return x + y
+    return constrain(x + y, "batch", None, None)
 
 
 class Encoder(nn.Module):
