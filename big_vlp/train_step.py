@@ -110,7 +110,7 @@ def make_grad_fn(model: nn.Module, loss_name: str, mesh: Mesh, loss_impl: str = 
   with the cached embeddings standing in for the other micro-batches (open_clip's
   accum-freq scheme). The temperature and bias get their gradient once, from the cached
   embeddings. Activations of only one micro-batch are alive at a time; the loss itself still
-  sees the whole batch (use loss_impl='sharded' to keep its memory linear too).
+  sees the whole batch (use loss_impl='sharded' to keep its memory flat too).
   """
   contrastive = _contrastive(loss_name, loss_impl, mesh)
 
@@ -184,8 +184,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_nam
   """One jitted step: forward both towers, loss, gradients, optimizer update, metrics.
 
   `loss_impl` 'global' writes the loss over the whole batch and lets XLA partition it;
-  'sharded' computes it per device with shard_map (ring SigLIP, gather-with-grad CLIP,
-  `big_vlp.losses_sharded`), whose logits blocks grow linearly with the batch.
+  'sharded' computes it per device with shard_map (ring SigLIP and ring CLIP,
+  `big_vlp.losses_sharded`): b x b logits blocks per device, flat as the device count grows.
   `accum_steps` > 1 computes the exact full-batch gradient in micro-batches (make_grad_fn).
   """
   grad_fn = make_grad_fn(model, loss_name, mesh, loss_impl, accum_steps)
