@@ -94,6 +94,9 @@ def run_fields(config: ml_collections.ConfigDict, *, log_every: int, ckpt_every:
       {k: opt_str(v) for k, v in sharding.DEFAULT_LOGICAL_AXES.items()})
   config.freeze = ()
   config.loss_impl = "global"
+  # A step whose loss or gradients are not finite never updates the state; 'skip' counts it
+  # (train/nonfinite_steps) and goes on, 'stop' ends the run with a report.
+  config.nan_policy = "skip"
   config.accum_steps = 1  # Micro-batches per step; the gradient stays the full-batch one.
   # Multi-process runs: unset fields come from BIG_VLP_COORDINATOR / _NUM_PROCESSES /
   # _PROCESS_ID, or are detected on Cloud TPU pods (see big_vlp.distributed).

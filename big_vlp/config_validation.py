@@ -74,6 +74,7 @@ def validate_config(config: Any, num_devices: int, process_count: int = 1) -> No
     _positive_int(config, field)
   check_choice("loss", config.loss, losses.LOSSES)
   check_choice("loss_impl", config.get("loss_impl", "global"), ("global", "sharded"))
+  check_choice("nan_policy", config.get("nan_policy", "skip"), ("skip", "stop"))
   _check_data(config)
   check_choice("optim.name", config.optim.name, optim.OPTIMIZERS)
   check_choice("optim.mu_dtype", config.optim.get("mu_dtype", "float32"), optim.MU_DTYPES)

@@ -4,8 +4,9 @@ Reading order: set-up (mesh, tokenizer, model, optimizer, state or resume), then
 (input -> jitted step -> logging -> checkpoint -> evaluators), then the final evaluation.
 """
 
+import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import app, flags
 from etils import epath
@@ -13,7 +14,8 @@ from ml_collections import config_flags
 
 import jax
 
-from big_vlp import checkpoint, config_validation, distributed, sharding, train_step
+from big_vlp import (checkpoint, config_validation, distributed, preemption, sharding,
+                     train_step)
 from big_vlp.metric_writer import MetricWriter, Progress, format_duration
 from big_vlp.evaluators import build_evaluators
 from big_vlp.run_setup import (cli_workdir, gather_stream_states, make_input, make_run_spec,
@@ -69,6 +71,55 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
                "batch_size": int(config.batch_size)}
 
   # ---- loop --------------------------------------------------------------------------
+  run = _Run(config, step_fn, batches, ckpt, writer, evaluators, meta_base, mesh)
+  with preemption.StopRequests() as stop_requests:
+    return _loop(run, state, first, start_step, stop_at, stop_requests)
+
+
+class NonFiniteError(RuntimeError):
+  """A step's loss or gradients were not finite and config.nan_policy is 'stop'."""
+
+
+class _Run(NamedTuple):
+  """What the loop works with, built by the set-up."""
+  config: Any
+  step_fn: Any
+  batches: Any
+  ckpt: checkpoint.Checkpointer
+  writer: MetricWriter
+  evaluators: dict[str, Any]
+  meta_base: dict[str, Any]
+  mesh: Any
+
+
+def _check_finite(run: _Run, state: Any, seen: int) -> int:
+  """Reports steps whose update was skipped for non-finite values; stops under 'stop'."""
+  nf = jax.device_get(state["nonfinite"])
+  count = int(nf["count"])
+  if count <= seen:
+    return count
+  run.ckpt.wait()
+  last_good = run.ckpt.latest_step()
+  report = (f"non-finite loss or gradients at {count - seen} step(s) since the last check, "
+            f"last at step {int(nf['last_step'])} (loss {float(nf['last_loss'])}, grad_norm "
+            f"{float(nf['last_grad_norm'])}); their updates were skipped, so params and "
+            f"optimizer state are still finite. Last good checkpoint: "
+            f"{last_good if last_good is not None else 'none'}.")
+  if run.config.get("nan_policy", "skip") == "stop":
+    raise NonFiniteError(report + " Stopping (config.nan_policy='stop'); "
+                         "config.nan_policy='skip' would go on.")
+  if jax.process_index() == 0:
+    print("warning: " + report + " Going on (config.nan_policy='skip'); the count is "
+          "train/nonfinite_steps.", file=sys.stderr, flush=True)
+  return count
+
+
+def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | None,
+          stop_requests: preemption.StopRequests) -> dict[str, float]:
+  """Steps from start_step + 1 to the end (or a stop), then the final evaluation."""
+  config, step_fn, batches, ckpt, writer, evaluators, meta_base, mesh = run
+  is_main = jax.process_index() == 0
+  nonfinite_seen = int(jax.device_get(state["nonfinite"]["count"]))
   total = config.total_steps
   progress = Progress(total, start_step, config.batch_size, is_main)
   wait_s, t_start, pending = 0.0, time.perf_counter(), {}
@@ -97,15 +148,26 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
       wait_s, pending = 0.0, {}
       writer.write(step, values)
       progress.show(step, values)
-    stopping = stop_at is not None and step >= stop_at and step < total
+    preempted = step < total and stop_requests.requested(step)
+    stopping = (stop_at is not None and step >= stop_at and step < total) or preempted
+    if step % config.log_every == 0 or ckpt.should_save(step, total) or stopping:
+      try:  # Before any save: under 'stop' no checkpoint follows a non-finite step.
+        nonfinite_seen = _check_finite(run, state, nonfinite_seen)
+      except NonFiniteError:
+        batches.close()
+        ckpt.close()
+        writer.close()
+        raise
     if ckpt.should_save(step, total) or stopping:
       ckpt.save(step, state, {**meta_base, "step": step,
                               "examples_seen": step * config.batch_size,
                               "data_streams": gather_stream_states(batches.states())})
     if stopping:
       batches.close()
-      ckpt.close()
+      ckpt.close()  # Waits until the checkpoint is durable.
       writer.close()
+      if preempted:
+        raise preemption.Preempted(step, stop_requests.signum)
       return {}
     if step < total:
       t0 = time.perf_counter()
@@ -128,7 +190,12 @@ def main(argv: list[str]) -> None:
   del argv
   workdir = cli_workdir()
   distributed.initialize(flags.FLAGS.config)  # Before anything touches the devices.
-  train(flags.FLAGS.config, workdir, stop_at=flags.FLAGS.stop_at)
+  try:
+    train(flags.FLAGS.config, workdir, stop_at=flags.FLAGS.stop_at)
+  except preemption.Preempted as e:
+    if jax.process_index() == 0:
+      print(str(e), file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

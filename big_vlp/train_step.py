@@ -55,7 +55,14 @@ def state_shardings(abstract_state: State, rules: Any, mesh: Mesh,
     return rep
 
   opt_sh = map_with_path(opt_leaf, abstract_state["opt_state"])
-  return {"params": param_sh, "opt_state": opt_sh, "step": rep, "rng": rep}
+  return {"params": param_sh, "opt_state": opt_sh, "step": rep, "rng": rep,
+          "nonfinite": jax.tree.map(lambda _: rep, abstract_state["nonfinite"])}
+
+
+def _no_nonfinite() -> dict[str, jax.Array]:
+  """Counters of steps whose loss or gradients were not finite (their update is skipped)."""
+  return {"count": jnp.zeros((), jnp.int32), "last_step": jnp.full((), -1, jnp.int32),
+          "last_loss": jnp.zeros((), jnp.float32), "last_grad_norm": jnp.zeros((), jnp.float32)}
 
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation,
@@ -64,7 +71,7 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation,
     init_rng, train_rng = jax.random.split(rng)
     params = _init_params(model, init_rng, batch_shapes)
     return {"params": params, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": train_rng}
+            "step": jnp.zeros((), jnp.int32), "rng": train_rng, "nonfinite": _no_nonfinite()}
   return init
 
 
@@ -195,6 +202,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_nam
     loss, grads, (zimg, ztxt, out) = grad_fn(state["params"], batch, dropout_rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    # A non-finite loss or gradient (any NaN / inf makes the norm non-finite) must not reach
+    # the params or the optimizer moments: that step's update is skipped and counted; the
+    # trainer then goes on or stops according to config.nan_policy.
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep_old(params, state["params"])
+    opt_state = keep_old(opt_state, state["opt_state"])
+    nf = state["nonfinite"]
+    nonfinite = keep_old(nf, {"count": nf["count"] + 1, "last_step": state["step"] + 1,
+                              "last_loss": loss.astype(jnp.float32),
+                              "last_grad_norm": grad_norm.astype(jnp.float32)})
     bias = out["bias"]
     metrics = {
         "loss": loss,
@@ -202,12 +221,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_nam
         "scale": out["scale"],
         "temperature": 1.0 / out["scale"],
         "bias": bias if bias is not None else jnp.zeros((), jnp.float32),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "nonfinite_steps": nonfinite["count"],
         "param_norm": optax.tree.norm(params),
         **losses.logit_stats(zimg, ztxt, out["scale"], bias),
     }
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
-                 "rng": rng}
+                 "rng": rng, "nonfinite": nonfinite}
     return new_state, metrics
 
   data_sh = sharding.batch_sharding(mesh)

@@ -1,5 +1,6 @@
 """Fixtures shared by the data tests: the `small` shapes dataset, built once per session,
-and a `fail_on_label` pp op that makes chosen examples fail like undecodable images do."""
+a `fail_on_label` pp op that makes chosen examples fail like undecodable images do, and a
+`nan_on_label` op that injects NaN images."""
 
 import pytest
 import tensorflow as tf
@@ -19,6 +20,16 @@ def shapes_dir(tmp_path_factory) -> str:
     shapes.ensure_built(data_dir, "small")
     _BUILT["dir"] = data_dir
   return _BUILT["dir"]
+
+
+@ops.register("nan_on_label")
+def nan_on_label(*labels):
+  """Test op: turns the image of examples with these labels into NaNs (a numerical fault)."""
+  def fn(example):
+    bad = tf.reduce_any(tf.equal(tf.cast(example["label"], tf.int64), list(labels)))
+    image = tf.cast(example["image"], tf.float32)
+    return {**example, "image": tf.where(bad, tf.fill(tf.shape(image), float("nan")), image)}
+  return fn
 
 
 @ops.register("fail_on_label")

@@ -120,6 +120,8 @@ def test_train_command_quotes_config_overrides_env_and_workdir():
       "configs/siglip_b16.py:data=laion,data_dir=gs://b/tfds")
   assert "--config.total_steps=10" in argv and "--config.data.name=a b" in argv
   assert "MY_FLAG=x y" in argv and "N=1" in argv
+  # Every worker joins the slice's jax.distributed run (big_vlp.distributed).
+  assert "BIG_VLP_DISTRIBUTED=on" in argv
   assert argv.index("MY_FLAG=x y") < argv.index("python")
   assert "tee" in argv and "nohup" not in argv  # Foreground by default.
 

@@ -16,9 +16,9 @@
 Steps: describe the VM (create it unless it exists or --reuse), copy the checkout's tracked
 files (working-tree contents; untracked files stay behind) to --code_dir on every worker,
 make a venv there with requirements.txt plus jax[tpu] at the pinned jax version, then run
-`python -m big_vlp.train` with the identical command on all workers. No per-worker flags
-are needed: on a TPU slice libtpu learns the slice topology from the VM metadata, so every
-process sees all devices. By default the tool waits for training and streams its output
+`python -m big_vlp.train` with the identical command on all workers, with
+BIG_VLP_DISTRIBUTED=on so that each calls jax.distributed.initialize(), which on a TPU slice
+finds the coordinator and its process id from the VM metadata: no per-worker flags. By default the tool waits for training and streams its output
 (also kept in ~/big_vlp_train.log on each worker); the run then dies with the connection,
 so for long runs use --detach, which starts training with nohup in the background and
 returns. --delete_after deletes the VM once the foreground training command exits.
@@ -133,7 +133,10 @@ def describe_command(args: argparse.Namespace) -> list[str]:
 
 def train_command(args: argparse.Namespace) -> str:
   """The remote shell command that starts training (identical on every worker)."""
-  env = " ".join(f"{k}={shlex.quote(v)}" for k, v in args.env)
+  # Every worker joins the slice's jax.distributed run (coordinator and process ids are
+  # detected from the TPU VM metadata); --env can still override it.
+  env_vars = dict([("BIG_VLP_DISTRIBUTED", "on"), *args.env])  # A later --env wins.
+  env = " ".join(f"{k}={shlex.quote(v)}" for k, v in env_vars.items())
   train = " ".join(
       ["python", "-m", "big_vlp.train", "--config", shlex.quote(args.config),
        "--workdir", shlex.quote(args.workdir)]
