@@ -57,6 +57,18 @@ def final_params(config, workdir):
     ("batch_size", 36, r"config\.batch_size=36.*divisible by the data-parallel size 8"),
     ("optim.name", "adam_typo", r"optim\.name='adam_typo'.*'adamw', 'adafactor'"),
     ("model.text.pool_type", "cls", r"model\.text\.pool_type='cls'.*'last', 'first'"),
+    ("loss_impl", "ring", r"config\.loss_impl='ring'.*'global', 'sharded'"),
+    ("nan_policy", "ignore", r"config\.nan_policy='ignore'.*'skip', 'stop'"),
+    ("accum_steps", 3, r"batch_size=32.*data-parallel size 8 times accum_steps=3"),
+    ("accum_steps", 0, r"config\.accum_steps=0.*positive integer"),
+    ("mesh.tensor", 3, r"config\.mesh=.*use 3 devices.*8 available"),
+    ("model.image.remat", "some", r"model\.image\.remat='some'.*'none', 'full'"),
+    ("model.image.posemb", "rope", r"model\.image\.posemb='rope'.*'learn', 'sincos2d'"),
+    ("optim.mu_dtype", "fp8", r"optim\.mu_dtype='fp8'.*'float32', 'bfloat16'"),
+    ("data.shards", 3, r"batch_size=32.*divisible by data\.shards=3"),
+    ("distributed.mode", "maybe", r"distributed\.mode='maybe'.*'auto', 'on', 'off'"),
+    ("data.max_skip_fraction", 2.0, r"data\.max_skip_fraction=2\.0.*\[0, 1\]"),
+    ("optim.schedule.warmup_steps", -1, r"warmup_steps=-1.*total_steps"),
 ])
 def test_malformed_config_fails_at_start_up(tmp_path, field, value, pattern):
   config = demo_config(str(tmp_path / "no_data_needed"))
