@@ -88,3 +88,18 @@ def test_nan_policy_stop_names_the_step_and_last_good_checkpoint(tmp_path, shape
   assert "nan_policy='stop'" in msg
   ckpts = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   assert max(ckpts, default=0) == first_bad - 1  # Nothing saved after the bad step.
+
+
+def test_a_failing_evaluator_is_reported_and_training_goes_on(tmp_path, shapes_dir, capfd):
+  config = demo_config(shapes_dir, "steps=4")
+  # Zero-shot hits an example its pp cannot process (at every evaluation); retrieval is fine.
+  config.evals.zeroshot.pp = config.evals.zeroshot.pp.replace("decode|",
+                                                              "decode|fail_on_label(3)|")
+  config.evals.zeroshot.every = config.evals.retrieval.every = 2
+  results = train(config, str(tmp_path))
+  assert "retrieval/i2t_r1" in results and not any(k.startswith("zeroshot/") for k in results)
+  events = read_metrics(str(tmp_path))
+  assert [e["step"] for e in events if "zeroshot/error" in e] == [2, 4]
+  assert any("retrieval/t2i_r10" in e for e in events)
+  assert max(e["step"] for e in events if "train/loss" in e) == 4
+  assert "evaluator 'zeroshot' failed at step 2" in capfd.readouterr().err
