@@ -1,4 +1,5 @@
-"""The jitted train step: 1 device vs 8-device data / fsdp / tensor meshes, exact accumulation, sharding rules, freezing."""
+"""The jitted train step: 1 device vs 8-device data / fsdp / tensor meshes, exact gradient
+accumulation, sharding rules, freezing."""
 
 import functools
 
