@@ -156,9 +156,13 @@ def test_mixture_errors_name_the_source(shapes_dir):
 
 
 def test_state_round_trips_through_json_and_arrays():
-  st = stream.StreamState(10**12 + 5, [3, 2**40], [1, 0], ["a:train", "b:train"])
+  st = stream.StreamState(10**12 + 5, [3, 2**40], [1, 7], ["a:train", "b:train"], [0, 5])
   assert stream.StreamState.from_json(st.to_json()) == st
   assert stream.StreamState.from_array(st.to_array(), st.sources) == st
+  # States saved before unreadable records were counted apart: none was.
+  old = {k: v for k, v in st.to_json().items() if k != "unreadable"}
+  assert stream.StreamState.from_json(old).unreadable == [0, 0]
+  assert stream.StreamState(0, [0], [0], ["a:train"]).unreadable == [0]
   legacy = stream.StreamState.start([source(weight=3.0), source("val", 1.0)], 1001)
   assert sum(legacy.positions) == 1001 and legacy.skipped == [0, 0]
 

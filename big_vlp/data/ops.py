@@ -673,19 +673,32 @@ def lowercase(key: str = "caption") -> ExampleFn:
   return _on_key(lambda text: tf.strings.lower(text, encoding="utf-8"), key)
 
 
+# Empty or whitespace-only text (Unicode spaces, a byte-order mark): no caption at all.
+_BLANK = r"[\s\v\p{Z}\x{85}\x{feff}]*"
+
+
 @register("choice")
 def choice(key: str = "caption", out_key: str | None = None) -> ExampleFn:
   """Picks one entry of a vector `example[key]` uniformly (seeded) into `out_key or key`.
 
-  A scalar passes through unchanged; an empty vector raises (the pipeline drops the example).
+  Blank strings (empty or whitespace only) are never picked: tokenized, a caption without
+  text is a bare end-of-text token, never a useful training pair. With nothing to pick (an
+  empty vector, only blank strings, a blank scalar string) it raises, so the training input
+  drops the example and counts it in data/skipped. Other scalars pass through unchanged.
   """
   _keys_arg("choice", (key,) if out_key is None else (key, out_key))
   out_key = out_key or key
+  message = f"op 'choice': nothing to pick in example[{key!r}] (empty, or only blank text)"
 
   def fn(example):
     values = example[key]
     rank = values.shape.rank
+    text = values.dtype == tf.string
     if rank == 0:
+      if text:
+        blank = tf.strings.regex_full_match(values, _BLANK)
+        with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(blank), [message])]):
+          values = tf.identity(values)
       return {**example, out_key: values}
     if rank is not None and rank > 1:
       raise ValueError(f"op 'choice' needs a scalar or a vector in example[{key!r}], got "
@@ -694,8 +707,11 @@ def choice(key: str = "caption", out_key: str | None = None) -> ExampleFn:
         tf.rank(values), 1, message=f"op 'choice': example[{key!r}] must be a scalar or vector")]
     with tf.control_dependencies(checks):
       flat = tf.reshape(values, [-1])  # A scalar of unknown rank becomes a 1-vector.
-    index = tf.random.stateless_uniform([], op_seed(example, "choice"), maxval=tf.size(flat),
-                                        dtype=tf.int32)
+    if text:
+      flat = tf.boolean_mask(flat, tf.logical_not(tf.strings.regex_full_match(flat, _BLANK)))
+    with tf.control_dependencies([tf.debugging.assert_positive(tf.size(flat), message)]):
+      index = tf.random.stateless_uniform([], op_seed(example, "choice"),
+                                          maxval=tf.size(flat), dtype=tf.int32)
     return {**example, out_key: tf.gather(flat, index)}
   return fn
 
