@@ -16,6 +16,7 @@ import jax
 
 from big_vlp import (checkpoint, config_validation, distributed, preemption, sharding,
                      train_step)
+from big_vlp import run_compat
 from big_vlp.metric_writer import MetricWriter, Progress, format_duration
 from big_vlp.evaluators import build_evaluators
 from big_vlp.run_setup import (cli_workdir, gather_stream_states, make_input, make_run_spec,
@@ -32,18 +33,21 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   config_validation.validate_config(config, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or gs://...
-  if is_main:  # The exact config of the run, for the record.
-    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
-  mesh = sharding.mesh_from_config(config)
   ckpt = checkpoint.Checkpointer(workdir, every=config.ckpt_every, keep=config.keep_ckpts)
-  start_step = ckpt.latest_step() or 0
+  # Refuses a config the checkpoints here do not fit (config.json is written once resumed).
+  recorded = run_compat.check_workdir_config(config, workdir, is_main=is_main,
+                                             has_checkpoint=bool(ckpt.all_steps()))
+  mesh = sharding.mesh_from_config(config)
 
   tokenizer = make_tokenizer(config, workdir)
-  start = 0
-  if start_step:
-    start = resume_position(ckpt.restore_meta(start_step), config, start_step)
-  batches = make_input(config, tokenizer, start)
-  first = next(batches)
+
+  def input_after(found: checkpoint.Restored | None) -> tuple[Any, Any]:
+    start = resume_position(found.meta, config, found.step) if found else 0
+    stream = make_input(config, tokenizer, start)
+    return stream, next(stream)
+
+  resumed = ckpt.latest_meta()  # Unreadable newer checkpoints are set aside here...
+  batches, first = input_after(resumed)
   batch_shapes = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype)
                   for k, v in first.items()}
   spec = make_run_spec(config, mesh, tokenizer.vocab_size, batch_shapes)
@@ -52,12 +56,20 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
           f"device(s), {jax.process_count()} process(es)")
     print("parameters:\n" + sharding.sharding_table(abstract["params"], shardings["params"]))
-  if start_step:
-    state, meta = ckpt.restore(start_step, abstract)
+  if resumed:
+    found = ckpt.restore_latest(abstract)  # ...or here, when only their state is damaged.
+    if found is None or found.step != resumed.step:  # Older: its own input position.
+      batches.close()
+      batches, first = input_after(found)
+    resumed = found
+  start_step = resumed.step if resumed else 0
+  if resumed:
+    state = resumed.state
     if is_main:
-      print(f"resumed from step {start_step} ({meta['examples_seen']} examples seen)")
+      print(f"resumed from step {start_step} ({resumed.meta['examples_seen']} examples seen)")
   else:
     state = train_step.init_state(model, spec.tx, shardings, batch_shapes, config.seed)
+  run_compat.record_config(config, workdir, recorded, is_main=is_main)
   step_fn = train_step.make_train_step(model, spec.tx, config.loss, spec.schedule,
                                        shardings, mesh, tuple(batch_shapes),
                                        loss_impl=config.get("loss_impl", "global"),
