@@ -97,6 +97,9 @@ def run_fields(config: ml_collections.ConfigDict, *, log_every: int, ckpt_every:
   # A step whose loss or gradients are not finite never updates the state; 'skip' counts it
   # (train/nonfinite_steps) and goes on, 'stop' ends the run with a report.
   config.nan_policy = "skip"
+  # Resuming a workdir whose run had another model / loss / tokenizer / optimizer is refused
+  # with a diff; True lets an intentional, shape-compatible change through.
+  config.allow_config_change = False
   config.accum_steps = 1  # Micro-batches per step; the gradient stays the full-batch one.
   # Multi-process runs: unset fields come from BIG_VLP_COORDINATOR / _NUM_PROCESSES /
   # _PROCESS_ID, or are detected on Cloud TPU pods (see big_vlp.distributed).
