@@ -48,30 +48,22 @@ def make_tokenizer(config: Any, workdir: str) -> Any:
       yield from pipeline.iterate_texts(s.name, s.split, s.data_dir,
                                         key=dc.get("text_key", "caption"),
                                         limit=max(1, round(limit * s.weight / total_weight)))
+  build = lambda: tokenizers.build_tokenizer(config.tokenizer, workdir=workdir,
+                                             texts_fn=texts)
   if jax.process_count() == 1:
-    return tokenizers.build_tokenizer(config.tokenizer, workdir=workdir, texts_fn=texts)
+    return build()
   # Several processes: process 0 trains (if the spec trains), the others then load its file
   # from the shared workdir, so every process tokenizes with the same vocabulary.
   from jax.experimental import multihost_utils
-  tok = None
-  if jax.process_index() == 0:
-    tok = tokenizers.build_tokenizer(config.tokenizer, workdir=workdir, texts_fn=texts)
+  tok = build() if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("big_vlp tokenizer")
-  if tok is None:
-    tok = tokenizers.build_tokenizer(config.tokenizer, workdir=workdir, texts_fn=texts)
-  return tok
+  return tok if tok is not None else build()
 
 
 def input_shards(config: Any) -> int:
-  """Number of input stream shards: `data.shards`, or one per process when unset."""
-  shards = config.data.get("shards") or jax.process_count()
-  if shards % jax.process_count():
-    raise ConfigError(f"config.data.shards={shards} must be a multiple of the process count "
-                      f"{jax.process_count()} (each process reads whole shards)")
-  if config.batch_size % shards:
-    raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by "
-                      f"config.data.shards={shards}")
-  return shards
+  """Number of input stream shards: `data.shards`, or one per process when unset (its fit
+  with the process count and batch size is checked by config_validation)."""
+  return config.data.get("shards") or jax.process_count()
 
 
 def _my_shards(config: Any) -> range:

@@ -14,9 +14,8 @@ from ml_collections import config_flags
 
 import jax
 
-from big_vlp import (checkpoint, config_validation, distributed, preemption, sharding,
-                     train_step)
-from big_vlp import run_compat
+from big_vlp import (checkpoint, config_validation, distributed, preemption, run_compat,
+                     sharding, train_step)
 from big_vlp.metric_writer import MetricWriter, Progress, format_duration
 from big_vlp.evaluators import build_evaluators
 from big_vlp.run_setup import (cli_workdir, gather_stream_states, make_input, make_run_spec,
@@ -104,6 +103,13 @@ class _Run(NamedTuple):
   mesh: Any
 
 
+def _close(run: _Run) -> None:
+  """Releases the input and waits until every checkpoint save is durable."""
+  run.batches.close()
+  run.ckpt.close()
+  run.writer.close()
+
+
 def _check_finite(run: _Run, state: Any, seen: int) -> int:
   """Reports steps whose update was skipped for non-finite values; stops under 'stop'."""
   nf = jax.device_get(state["nonfinite"])
@@ -166,18 +172,14 @@ def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | Non
       try:  # Before any save: under 'stop' no checkpoint follows a non-finite step.
         nonfinite_seen = _check_finite(run, state, nonfinite_seen)
       except NonFiniteError:
-        batches.close()
-        ckpt.close()
-        writer.close()
+        _close(run)
         raise
     if ckpt.should_save(step, total) or stopping:
       ckpt.save(step, state, {**meta_base, "step": step,
                               "examples_seen": step * config.batch_size,
                               "data_streams": gather_stream_states(batches.states())})
     if stopping:
-      batches.close()
-      ckpt.close()  # Waits until the checkpoint is durable.
-      writer.close()
+      _close(run)
       if preempted:
         raise preemption.Preempted(step, stop_requests.signum)
       return {}
