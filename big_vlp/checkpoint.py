@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from big_vlp.tree_paths import path_str
+
 CORRUPT_DIR = "checkpoints_corrupt"
 _MAX_ERROR_CHARS = 400
 
@@ -65,20 +67,13 @@ def _short(error: BaseException) -> str:
   return _one_line(error) + ("" if root is error else f" (cause: {_one_line(root)})")
 
 
-def _key_name(key: Any) -> str:
-  # Orbax metadata trees use dict/sequence keys where the live state has attributes
-  # (optax NamedTuples); the bare names line up.
-  for attr in ("key", "idx", "name"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...] | None]:
   shapes = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     shape = getattr(leaf, "shape", None)  # None: a leaf kind without one, not compared.
-    shapes["/".join(_key_name(k) for k in path)] = None if shape is None else tuple(shape)
+    # Orbax metadata trees use dict / sequence keys where the live state has attributes
+    # (optax NamedTuples); path_str gives the same bare names for both.
+    shapes[path_str(path)] = None if shape is None else tuple(shape)
   return shapes
 
 
