@@ -100,6 +100,9 @@ def run_fields(config: ml_collections.ConfigDict, *, log_every: int, ckpt_every:
   # Resuming a workdir whose run had another model / loss / tokenizer / optimizer is refused
   # with a diff; True lets an intentional, shape-compatible change through.
   config.allow_config_change = False
+  # Peak FLOP/s of one device, for train/mfu. Unset: big_vlp.perf's table for TPUs and
+  # GPUs; on CPU a matmul measured at start-up (simulated devices share the host's peak).
+  config.peak_flops = opt_float()
   config.accum_steps = 1  # Micro-batches per step; the gradient stays the full-batch one.
   # Multi-process runs: unset fields come from BIG_VLP_COORDINATOR / _NUM_PROCESSES /
   # _PROCESS_ID, or are detected on Cloud TPU pods (see big_vlp.distributed).

@@ -75,6 +75,11 @@ def validate_config(config: Any, num_devices: int, process_count: int = 1) -> No
   check_choice("loss", config.loss, losses.LOSSES)
   check_choice("loss_impl", config.get("loss_impl", "global"), ("global", "sharded"))
   check_choice("nan_policy", config.get("nan_policy", "skip"), ("skip", "stop"))
+  peak = config.get("peak_flops")
+  if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float))
+                           or not 0 < peak < math.inf):
+    fail("peak_flops", peak, "must be a positive number (FLOP/s of one device) or None "
+         "(the device table, or a matmul measured at start-up on CPU)")
   _check_data(config)
   check_choice("optim.name", config.optim.name, optim.OPTIMIZERS)
   check_choice("optim.mu_dtype", config.optim.get("mu_dtype", "float32"), optim.MU_DTYPES)

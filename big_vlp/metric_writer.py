@@ -111,7 +111,7 @@ class Progress:
     step_time = dt / steps
     return {"step_time_s": step_time, "img_per_sec": self.batch / step_time,
             "eta_s": step_time * (self.total - step),
-            "elapsed_s": now - self._t0}
+            "elapsed_s": now - self._t0, "window_s": dt}
 
   def show(self, step: int, metrics: Mapping[str, float]) -> None:
     """Prints '[####....]  37% step 370/1000 loss ... img/s ... ETA ...'."""
@@ -125,6 +125,8 @@ class Progress:
         parts.append(f"{key} {metrics[f'train/{key}']:.4g}")
     if "train/img_per_sec" in metrics:
       parts.append(f"{metrics['train/img_per_sec']:.0f} img/s")
+    if "train/mfu" in metrics:
+      parts.append(f"MFU {100 * metrics['train/mfu']:.1f}%")
     if "train/eta_s" in metrics:
       parts.append(f"ETA {format_duration(metrics['train/eta_s'])}")
     print("  ".join(parts), file=sys.stdout, flush=True)

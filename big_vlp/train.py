@@ -14,8 +14,8 @@ from ml_collections import config_flags
 
 import jax
 
-from big_vlp import (checkpoint, config_validation, distributed, preemption, run_compat,
-                     sharding, train_step)
+from big_vlp import (checkpoint, config_validation, distributed, flops, perf, preemption,
+                     run_compat, sharding, train_step)
 from big_vlp.metric_writer import MetricWriter, Progress, format_duration
 from big_vlp.evaluators import build_evaluators
 from big_vlp.run_setup import (cli_workdir, gather_stream_states, make_input, make_run_spec,
@@ -29,6 +29,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   would; running again on the same workdir continues the run exactly.
   """
   # ---- set-up ------------------------------------------------------------------------
+  started = time.perf_counter()
   config_validation.validate_config(config, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or gs://...
@@ -76,13 +77,15 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   writer = MetricWriter(workdir, is_main=is_main)
   writer.truncate_after(start_step)
   evaluators = build_evaluators(config, model, tokenizer, mesh)
+  speed = _speed_model(config, batch_shapes, is_main)
   meta_base = {"image_shape": list(batch_shapes["image"].shape[1:]),
                "text_len": int(batch_shapes["text"].shape[1]),
                "vocab_size": int(tokenizer.vocab_size), "loss": config.loss,
                "batch_size": int(config.batch_size)}
 
   # ---- loop --------------------------------------------------------------------------
-  run = _Run(config, step_fn, batches, ckpt, writer, evaluators, meta_base, mesh)
+  run = _Run(config, step_fn, batches, ckpt, writer, evaluators, meta_base, mesh, speed,
+             started)
   with preemption.StopRequests() as stop_requests:
     return _loop(run, state, first, start_step, stop_at, stop_requests)
 
@@ -101,6 +104,39 @@ class _Run(NamedTuple):
   evaluators: dict[str, Any]
   meta_base: dict[str, Any]
   mesh: Any
+  speed: "_SpeedModel"
+  started: float  # perf_counter() when train() was entered.
+
+
+class _SpeedModel(NamedTuple):
+  """What MFU is computed from: model FLOPs of one step and the job's peak FLOP/s."""
+  flops_per_step: float
+  flops_per_example: float
+  peak: float
+  peak_source: str
+
+  def rates(self, step_time_s: float, window_s: float, wait_s: float) -> dict[str, float]:
+    """MFU, achieved model FLOP/s and the input-wait share of a logging window.
+
+    The wait is the time the loop spent blocked on the input stream; with asynchronous
+    dispatch the device may still be computing then, so the share is an upper bound on the
+    time the device starved.
+    """
+    achieved = self.flops_per_step / step_time_s
+    return {"mfu": achieved / self.peak, "model_flops_per_sec": achieved,
+            "input_wait_fraction": min(wait_s / window_s, 1.0) if window_s > 0 else 0.0}
+
+
+def _speed_model(config: Any, batch_shapes: dict[str, Any], is_main: bool) -> _SpeedModel:
+  """Counts the model FLOPs of a step and finds the peak they are measured against."""
+  count = flops.two_tower_flops(config.model, batch_shapes["image"].shape[1:],
+                                batch_shapes["text"].shape[1], config.batch_size)
+  peak, source = perf.peak_flops(perf.compute_dtype(config.model), config.get("peak_flops"))
+  if is_main:
+    print(f"model FLOPs per step {count.train_per_step / 1e9:,.1f} G "
+          f"({count.train_per_example / 1e9:,.3f} G per example, forward + backward); "
+          f"peak {peak / 1e12:,.3f} TFLOP/s ({source})", flush=True)
+  return _SpeedModel(count.train_per_step, count.train_per_example, peak, source)
 
 
 def _close(run: _Run) -> None:
@@ -135,7 +171,7 @@ def _check_finite(run: _Run, state: Any, seen: int) -> int:
 def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | None,
           stop_requests: preemption.StopRequests) -> dict[str, float]:
   """Steps from start_step + 1 to the end (or a stop), then the final evaluation."""
-  config, step_fn, batches, ckpt, writer, evaluators, meta_base, mesh = run
+  config, step_fn, batches, ckpt, writer, evaluators, meta_base, mesh = run[:8]
   is_main = jax.process_index() == 0
   nonfinite_seen = int(jax.device_get(state["nonfinite"]["count"]))
   total = config.total_steps
@@ -152,13 +188,23 @@ def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | Non
     if step == start_step + 1:  # Compilation: report it, keep it out of img/s.
       jax.block_until_ready(metrics)
       first_step_s = time.perf_counter() - t_start
+      startup_s = time.perf_counter() - run.started
       progress.restart(step)
-      pending = {"train/first_step_s": first_step_s}  # Goes into the next log event.
+      wait_s = 0.0
+      pending = {"train/first_step_s": first_step_s,  # Go into the next log event.
+                 "train/startup_s": startup_s,
+                 "train/model_flops_per_example": run.speed.flops_per_example,
+                 "train/peak_flops": run.speed.peak}
       if is_main:
-        print(f"first step done in {first_step_s:.1f}s (includes compilation)", flush=True)
+        print(f"first step done in {first_step_s:.1f}s (includes compilation; "
+              f"{startup_s:.1f}s since start)", flush=True)
     if step % config.log_every == 0 or step == total:
       values = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-      values.update({f"train/{k}": v for k, v in progress.measure(step).items()})
+      timing = progress.measure(step)
+      if "step_time_s" in timing:
+        rates = run.speed.rates(timing["step_time_s"], timing.pop("window_s"), wait_s)
+        values.update({f"train/{k}": v for k, v in rates.items()})
+      values.update({f"train/{k}": v for k, v in timing.items()})
       values["train/input_wait_s"] = wait_s
       values["train/examples_seen"] = step * config.batch_size
       values.update({f"data/{k}": v for k, v in batches.stats().items()})

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from big_vlp import checkpoint, sharding
+from big_vlp import checkpoint, flops, sharding
 from big_vlp.config_errors import ConfigError
 from big_vlp.evaluate import evaluate
 from big_vlp.run_setup import make_run_spec
@@ -130,6 +130,17 @@ def test_pod_recipes_run_locally(tmp_path, shapes_dir, recipe):
   assert events[-1]["step"] == config.total_steps
   assert all(np.isfinite(e["train/loss"]) for e in events if "train/loss" in e)
   assert set(results) >= {"zeroshot/top1", "retrieval/i2t_r1"}
+  # Speed accounting: model FLOPs from the config, MFU against the measured CPU peak.
+  train_events = [e for e in events if "train/loss" in e]
+  count = flops.two_tower_flops(config.model, (64, 64, 3), 16, config.batch_size)
+  assert train_events[0]["train/model_flops_per_example"] == count.train_per_example
+  assert train_events[0]["train/startup_s"] >= train_events[0]["train/first_step_s"] > 0
+  timed = [e for e in train_events if "train/mfu" in e]
+  assert len(timed) == config.total_steps - 1  # Every step after the compiled first one.
+  for e in timed:
+    assert 0 < e["train/mfu"] <= 1 and 0 <= e["train/input_wait_fraction"] <= 1
+    assert e["train/mfu"] == pytest.approx(
+        count.train_per_step / e["train/step_time_s"] / train_events[0]["train/peak_flops"])
 
 
 def test_evaluate_latest_checkpoint_writes_json(tmp_path, shapes_dir):

@@ -1,0 +1,86 @@
+"""Peak FLOP/s of the devices at hand, for MFU = model FLOP/s achieved / peak FLOP/s.
+
+Accelerator peaks are the vendors' dense (no sparsity) figures per chip. On TPUs a float32
+matmul at JAX's default precision runs as bfloat16 passes on the MXU, and on Ampere and later
+GPUs as TF32 on the tensor cores, so the float32 column holds those peaks. On a CPU there is no
+table that fits the machine at hand: its peak is measured at start-up with a large matmul in
+the model's dtype (or given as config.peak_flops).
+"""
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# (device_kind substring, lower-cased) -> {dtype: peak FLOP/s per chip}. First match wins,
+# so more specific names come first.
+PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("tpu v6 lite", {"bfloat16": 918e12, "float32": 918e12}),   # v6e (Trillium)
+    ("tpu v6e", {"bfloat16": 918e12, "float32": 918e12}),
+    ("tpu v5 lite", {"bfloat16": 197e12, "float32": 197e12}),   # v5e
+    ("tpu v5e", {"bfloat16": 197e12, "float32": 197e12}),
+    ("tpu v5p", {"bfloat16": 459e12, "float32": 459e12}),
+    ("tpu v5", {"bfloat16": 459e12, "float32": 459e12}),        # v5p reports "TPU v5"
+    ("tpu v4", {"bfloat16": 275e12, "float32": 275e12}),
+    ("h200", {"bfloat16": 989e12, "float32": 495e12}),          # float32 = TF32
+    ("h100 pcie", {"bfloat16": 756e12, "float32": 378e12}),
+    ("h100", {"bfloat16": 989e12, "float32": 495e12}),          # SXM
+    ("a100", {"bfloat16": 312e12, "float32": 156e12}),
+)
+
+_measured: dict[tuple[str, int], float] = {}
+
+
+def table_peak(device_kind: str, dtype: str) -> float | None:
+  """Peak FLOP/s of one chip from PEAK_FLOPS, or None for an unknown device."""
+  kind = device_kind.lower()
+  for name, peaks in PEAK_FLOPS:
+    if name in kind:
+      return peaks.get(dtype, peaks["bfloat16"])
+  return None
+
+
+def measure_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 1.0) -> float:
+  """FLOP/s of this process's best n x n x n matmul (jitted, result on device 0).
+
+  The best of repeated timings, as a peak is: a shared machine only ever makes it slower.
+  Cached per (dtype, n) within the process.
+  """
+  if (dtype, n) in _measured:
+    return _measured[(dtype, n)]
+  device = jax.local_devices()[0]
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  b = jax.device_put(jnp.full((n, n), 0.5, dtype), device)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, b).block_until_ready()  # Compile.
+  best, t_end = float("inf"), time.perf_counter() + seconds
+  while time.perf_counter() < t_end or best == float("inf"):
+    t0 = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  _measured[(dtype, n)] = 2 * n ** 3 / best
+  return _measured[(dtype, n)]
+
+
+def compute_dtype(model_config: Any) -> str:
+  """'bfloat16' if either tower computes in bfloat16, else 'float32'."""
+  dtypes = {model_config[t].get("dtype", "float32") for t in ("image", "text")}
+  return "bfloat16" if "bfloat16" in dtypes else "float32"
+
+
+def peak_flops(dtype: str, override: float | None = None) -> tuple[float, str]:
+  """(peak FLOP/s of all devices of the job, where the figure comes from).
+
+  `override` is config.peak_flops: one device's peak. Simulated CPU devices share the host's
+  cores, so on CPU the measured figure is the host's, whatever the device count.
+  """
+  devices = jax.devices()
+  if override:
+    return float(override) * len(devices), "config.peak_flops"
+  kind = devices[0].device_kind
+  per_chip = table_peak(kind, dtype)
+  if per_chip is not None:
+    return per_chip * len(devices), f"{kind} {dtype} table"
+  host = measure_matmul_peak(dtype)
+  return host * jax.process_count(), f"measured {dtype} 2048^3 matmul on {kind}"

@@ -1,0 +1,382 @@
+"""Train-step speed of a config: step time, img/s, MFU, compile time, peak memory.
+
+  python tools/benchmark.py --config demo
+  python tools/benchmark.py --config vit_s16 --batch 32 --compare open_clip
+  python tools/benchmark.py --config configs/siglip_b16.py:runlocal=True --set model.image.dtype=bfloat16
+
+--config is a preset (demo: configs/demo.py; vit_s16: the demo recipe with ViT-S/16 image
+and S text towers at 224 px, 64 tokens) or `configs/X.py[:args]`; --set FIELD=VALUE
+overrides any field. The step is big_vlp's real train step (both towers, loss, gradients,
+AdamW update) on synthetic in-memory batches of the config's shapes, so input speed does not
+enter (tools/benchmark_input.py measures that).
+
+`--compare open_clip` builds the same two-tower architecture in open_clip (PyTorch; same
+widths, depths, heads, patch and image size, text length, vocab, batch, loss, AdamW
+settings) in a separate environment (`bash tools/install_open_clip.sh` makes one in
+.venv-open_clip; or pass --open_clip_python) and times it in this same run: rounds of
+big_vlp and open_clip steps alternate, so both see the same machine state, and the medians
+over rounds are compared. MFU of both is model FLOPs (big_vlp.flops) over the peak the
+trainer uses (big_vlp.perf: the device table, or a matmul measured here on CPU).
+"""
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# pylint: disable=wrong-import-position
+import jax
+import numpy as np
+
+from big_vlp import flops, perf, sharding, train_step
+from big_vlp.models import common
+from big_vlp.run_setup import make_run_spec
+
+PRESETS = ("demo", "vit_s16")
+OPEN_CLIP_VENV = os.path.join(ROOT, ".venv-open_clip")
+
+
+def load_config(path_arg: str) -> Any:
+  """`configs/x.py[:arg]` -> the ConfigDict its get_config(arg) returns."""
+  path, _, arg = path_arg.partition(":")
+  full = path if os.path.isabs(path) else os.path.join(ROOT, path)
+  if not os.path.exists(full):
+    raise SystemExit(f"--config: {path!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                     "config file")
+  spec = importlib.util.spec_from_file_location("cfg", full)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg or None)
+
+
+def vit_s16(config: Any, res: int = 224, text_len: int = 64) -> Any:
+  """Turns a demo-style config into a ViT-S/16 image + S text two-tower at `res` px."""
+  config.model.image.update(variant="S/16", width=384, depth=12, mlp_dim=1536, num_heads=6)
+  config.model.text.update(variant="S", width=384, depth=12, mlp_dim=1536, num_heads=6,
+                           max_len=text_len)
+  config.model.embed_dim = 384
+  config.data.pp = re.sub(r"resize\(\d+\)", f"resize({res})", config.data.pp)
+  config.data.pp = re.sub(r"max_len=\d+", f"max_len={text_len}", config.data.pp)
+  return config
+
+
+def build_config(name: str) -> Any:
+  """A preset or a config file."""
+  if name == "demo":
+    return load_config("configs/demo.py")
+  if name == "vit_s16":
+    return vit_s16(load_config("configs/demo.py:batch=32"))
+  return load_config(name)
+
+
+def set_field(config: Any, assignment: str) -> None:
+  """Applies FIELD=VALUE (VALUE parsed as a Python literal when it is one)."""
+  field, sep, raw = assignment.partition("=")
+  if not sep:
+    raise SystemExit(f"--set {assignment!r}: expected FIELD=VALUE")
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  *parents, leaf = field.split(".")
+  node = config
+  for part in parents:
+    if part not in node:
+      raise SystemExit(f"--set: config has no field {field!r}")
+    node = node[part]
+  if leaf not in node:
+    raise SystemExit(f"--set: config has no field {field!r}")
+  node[leaf] = value
+
+
+def image_size(config: Any) -> int:
+  """The training image size, read from the config's pre-processing."""
+  m = re.search(r"(?:resize|inception_crop|random_crop|central_crop)\((\d+)", config.data.pp)
+  if not m:
+    raise SystemExit("cannot find the image size in config.data.pp; pass --res")
+  return int(m.group(1))
+
+
+def vocab_size(tokenizer: str) -> int:
+  """Vocabulary size of a tokenizer spec, without training one."""
+  from big_vlp.data import tokenizers  # pylint: disable=import-outside-toplevel
+  kind, _, arg = tokenizer.partition(":")
+  if kind == "sp_train":
+    return int(arg.partition(":")[0])
+  return tokenizers.build_tokenizer(tokenizer).vocab_size
+
+
+def synthetic_batch(batch: int, res: int, text_len: int, vocab: int, seed: int = 0
+                    ) -> dict[str, np.ndarray]:
+  """Images ~ N(0, 1) and token rows of random length (EOS last, then padding 0)."""
+  rng = np.random.default_rng(seed)
+  image = rng.standard_normal((batch, res, res, 3), dtype=np.float32)
+  text = rng.integers(1, vocab - 1, (batch, text_len), dtype=np.int32)
+  lengths = rng.integers(2, text_len + 1, batch)
+  for row, n in zip(text, lengths):
+    row[n - 1] = vocab - 1
+    row[n:] = 0
+  return {"image": image, "text": text}
+
+
+class BigVlpStep:
+  """big_vlp's compiled train step on one synthetic batch."""
+
+  def __init__(self, config: Any, batch: dict[str, np.ndarray], vocab: int):
+    mesh = sharding.mesh_from_config(config)
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    spec = make_run_spec(config, mesh, vocab, shapes)
+    self.state = train_step.init_state(spec.model, spec.tx, spec.shardings, shapes,
+                                       config.seed)
+    step = train_step.make_train_step(spec.model, spec.tx, config.loss, spec.schedule,
+                                      spec.shardings, mesh, tuple(shapes),
+                                      loss_impl=config.get("loss_impl", "global"),
+                                      accum_steps=config.get("accum_steps", 1))
+    self.batch = train_step.global_batch(batch, mesh)
+    self.loss = float("nan")
+    t0 = time.perf_counter()
+    lowered = step.lower(self.state, self.batch)
+    self.compiled = lowered.compile()
+    self.compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    self.run(1)
+    self.first_step_s = time.perf_counter() - t0
+
+  def run(self, steps: int) -> float:
+    """Runs `steps` steps back to back (as the trainer does); returns seconds per step."""
+    t0 = time.perf_counter()
+    metrics = None
+    for _ in range(steps):
+      self.state, metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready(metrics)
+    self.loss = float(metrics["loss"])
+    return (time.perf_counter() - t0) / steps
+
+  def memory(self) -> dict[str, float]:
+    """Compiled memory per device (arguments + outputs + temporaries), and device peak."""
+    out = {}
+    analysis = self.compiled.memory_analysis()
+    if analysis is not None:
+      out["compiled_bytes"] = float(
+          analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+          + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      out["device_peak_bytes"] = float(stats["peak_bytes_in_use"])
+    out["max_rss_bytes"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return out
+
+  def xla_flops(self) -> float | None:
+    """FLOPs XLA counts in the compiled step (all devices; a scanned body counts once)."""
+    cost = self.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    value = (cost or {}).get("flops")
+    return None if value is None else float(value) * jax.device_count()
+
+
+def open_clip_spec(config: Any, res: int, vocab: int, precision: str, compile_: bool,
+                   threads: int | None) -> dict[str, Any]:
+  """The architecture and training settings open_clip_worker.py rebuilds."""
+  def tower(kwargs: Any, prefix: str) -> dict[str, Any]:
+    size = common.resolve_size(kwargs.get("variant"),
+                               {k: kwargs.get(k) for k in common.SIZE_KEYS + ("patch_size",)},
+                               prefix)
+    return size
+
+  image = tower(config.model.image, "model.image")
+  text = tower(config.model.text, "model.text")
+  patch = image["patch_size"]
+  patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+  o = config.optim
+  return {
+      "image_size": res, "patch_size": int(patch),
+      "image": {k: image[k] for k in common.SIZE_KEYS}
+               | {"pool_type": config.model.image.get("pool_type", "gap")},
+      "text": {k: text[k] for k in common.SIZE_KEYS}
+              | {"context_length": int(config.model.text.max_len), "vocab_size": vocab,
+                 "pool_type": config.model.text.get("pool_type", "last"),
+                 "causal": bool(config.model.text.get("causal", False))},
+      "embed_dim": int(config.model.get("embed_dim") or image["width"]),
+      "batch": int(config.batch_size), "loss": config.loss,
+      "optim": {"lr": float(o.lr), "wd": float(o.get("wd", 0.0)), "b1": float(o.b1),
+                "b2": float(o.b2), "eps": float(o.eps),
+                "grad_clip_norm": o.get("grad_clip_norm")},
+      "precision": precision, "threads": threads, "seed": int(config.seed),
+      "compile": compile_}
+
+
+class OpenClipStep:
+  """open_clip's train step, in a worker process under the open_clip environment."""
+
+  def __init__(self, python: str, spec: dict[str, Any]):
+    self.proc = subprocess.Popen(
+        [python, os.path.join(ROOT, "tools", "open_clip_worker.py"), "--spec",
+         json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.info = self._read()
+    self.loss = float("nan")
+    self.max_rss_bytes = float("nan")
+
+  def _read(self) -> dict[str, Any]:
+    line = self.proc.stdout.readline()
+    if not line:
+      code = self.proc.wait()
+      raise SystemExit(f"open_clip worker exited with status {code} (its stderr is above)")
+    return json.loads(line)
+
+  def run(self, steps: int) -> float:
+    """Runs `steps` steps; returns seconds per step."""
+    self.proc.stdin.write(json.dumps({"steps": steps}) + "\n")
+    self.proc.stdin.flush()
+    reply = self._read()
+    self.loss = float(reply["loss"])
+    self.max_rss_bytes = float(reply["max_rss_bytes"])
+    return sum(reply["step_s"]) / steps
+
+  def close(self) -> None:
+    """Ends the worker."""
+    try:
+      self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+      self.proc.stdin.flush()
+    except BrokenPipeError:
+      pass
+    self.proc.wait(timeout=60)
+
+
+def find_open_clip_python(given: str | None) -> str:
+  """The open_clip environment's python: --open_clip_python, $BIG_VLP_OPEN_CLIP_PYTHON, or
+  .venv-open_clip; a clear error when none exists."""
+  candidates = [given, os.environ.get("BIG_VLP_OPEN_CLIP_PYTHON"),
+                os.path.join(OPEN_CLIP_VENV, "bin", "python")]
+  for path in candidates:
+    if path and os.path.exists(path):
+      return path
+  raise SystemExit("--compare open_clip: no open_clip environment found (looked at "
+                   "--open_clip_python, $BIG_VLP_OPEN_CLIP_PYTHON and "
+                   f"{os.path.relpath(OPEN_CLIP_VENV, os.getcwd())}). Make one with "
+                   "`bash tools/install_open_clip.sh` (PyTorch CPU + open_clip in their own "
+                   "venv; big_vlp itself does not depend on them).")
+
+
+def _gib(x: float) -> str:
+  return f"{x / 2 ** 30:.2f} GiB" if np.isfinite(x) else "-"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+  parser.add_argument("--config", default="demo",
+                      help=f"preset ({', '.join(PRESETS)}) or configs/X.py[:args]")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  parser.add_argument("--batch", type=int, help="global batch (default: the config's)")
+  parser.add_argument("--res", type=int, help="image size (default: from config.data.pp)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                      help="both towers' compute dtype (default: the config's)")
+  parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+  parser.add_argument("--rounds", type=int, default=3, help="timed rounds (medians reported)")
+  parser.add_argument("--compare", choices=("open_clip",))
+  parser.add_argument("--open_clip_python", help="python of the open_clip environment")
+  parser.add_argument("--open_clip_compile", action="store_true",
+                      help="torch.compile the open_clip model (its --torchcompile)")
+  parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+  parser.add_argument("--peak_flops", type=float,
+                      help="peak FLOP/s of one device (default: table, or measured on CPU)")
+  parser.add_argument("--json", help="also write the results to this file")
+  args = parser.parse_args()
+
+  config = build_config(args.config)
+  for assignment in args.set:
+    set_field(config, assignment)
+  if args.batch:
+    config.batch_size = args.batch
+  if args.dtype:
+    config.model.image.dtype = config.model.text.dtype = args.dtype
+  res = args.res or image_size(config)
+  text_len = int(config.model.text.max_len)
+  vocab = vocab_size(config.tokenizer)
+  dtype = perf.compute_dtype(config.model)
+  count = flops.two_tower_flops(config.model, (res, res, 3), text_len, config.batch_size)
+  peak, peak_source = perf.peak_flops(dtype, args.peak_flops)
+  oc_python = find_open_clip_python(args.open_clip_python) if args.compare else None
+
+  print(f"{args.config}: batch {config.batch_size}, {res} px, {text_len} tokens, vocab "
+        f"{vocab}, {config.loss} loss, {dtype}; {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores", flush=True)
+  print(f"model FLOPs per step {count.train_per_step / 1e9:,.2f} G; peak "
+        f"{peak / 1e12:,.3f} TFLOP/s ({peak_source})", flush=True)
+  batch = synthetic_batch(config.batch_size, res, text_len, vocab, config.seed)
+  t0 = time.perf_counter()
+  ours = BigVlpStep(config, batch, vocab)
+  print(f"big_vlp: built in {time.perf_counter() - t0:.1f}s (compile {ours.compile_s:.1f}s), "
+        f"first step {ours.first_step_s:.2f}s", flush=True)
+  theirs = None
+  if oc_python:
+    spec = open_clip_spec(config, res, vocab, dtype, args.open_clip_compile, args.threads)
+    theirs = OpenClipStep(oc_python, spec)
+    print(f"open_clip {theirs.info.get('open_clip')} (torch {theirs.info.get('torch')}, "
+          f"{theirs.info.get('threads')} threads): built in {theirs.info['build_s']:.1f}s, "
+          f"first step {theirs.info['first_step_s']:.2f}s", flush=True)
+
+  times: dict[str, list[float]] = {"big_vlp": [], "open_clip": []}
+  for r in range(args.rounds):  # Alternate, so both see the same machine state.
+    times["big_vlp"].append(ours.run(args.steps))
+    line = f"round {r + 1}/{args.rounds}: big_vlp {1e3 * times['big_vlp'][-1]:.1f} ms/step"
+    if theirs:
+      times["open_clip"].append(theirs.run(args.steps))
+      line += f", open_clip {1e3 * times['open_clip'][-1]:.1f} ms/step"
+    print(line, flush=True)
+
+  rows = []
+  mem = ours.memory()
+  results: dict[str, Any] = {
+      "config": args.config, "overrides": args.set, "batch": config.batch_size, "res": res,
+      "text_len": text_len, "vocab": vocab, "dtype": dtype, "loss": config.loss,
+      "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+      "model_flops_per_step": count.train_per_step, "peak_flops": peak,
+      "peak_source": peak_source, "xla_flops_per_step": ours.xla_flops()}
+  for name, runner in (("big_vlp", ours), ("open_clip", theirs)):
+    if runner is None:
+      continue
+    step_s = statistics.median(times[name])
+    entry = {"step_s": step_s, "img_per_sec": config.batch_size / step_s,
+             "mfu": count.train_per_step / step_s / peak, "final_loss": runner.loss,
+             "round_step_s": times[name]}
+    if name == "big_vlp":
+      entry.update(compile_s=ours.compile_s, first_step_s=ours.first_step_s, **mem)
+      peak_mem = mem.get("device_peak_bytes", mem.get("compiled_bytes", float("nan")))
+    else:
+      entry.update(first_step_s=theirs.info["first_step_s"],
+                   max_rss_bytes=theirs.max_rss_bytes)
+      peak_mem = float("nan")
+    results[name] = entry
+    rows.append((name, entry, peak_mem))
+  if theirs:
+    theirs.close()
+    results["speedup_vs_open_clip"] = results["open_clip"]["step_s"] / results["big_vlp"]["step_s"]
+
+  print(f"\n{'':10s} {'step ms':>9s} {'img/s':>9s} {'MFU':>7s} {'compile+1st s':>14s} "
+        f"{'step memory':>12s} {'max RSS':>10s}")
+  for name, entry, peak_mem in rows:
+    first = entry.get("compile_s", 0.0) + entry["first_step_s"]
+    print(f"{name:10s} {1e3 * entry['step_s']:9.1f} {entry['img_per_sec']:9.1f} "
+          f"{100 * entry['mfu']:6.1f}% {first:14.1f} {_gib(peak_mem):>12s} "
+          f"{_gib(entry['max_rss_bytes']):>10s}")
+  if theirs:
+    print(f"\nbig_vlp / open_clip throughput: {results['speedup_vs_open_clip']:.2f}x "
+          f"(median of {args.rounds} alternating rounds of {args.steps} steps)")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
