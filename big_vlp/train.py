@@ -13,6 +13,7 @@ from etils import epath
 from ml_collections import config_flags
 
 import jax
+import jax.numpy as jnp
 
 from big_vlp import (checkpoint, config_validation, distributed, flops, perf, preemption,
                      run_compat, sharding, train_step)
@@ -168,6 +169,19 @@ def _check_finite(run: _Run, state: Any, seen: int) -> int:
   return count
 
 
+def _due_evals(evaluators: dict[str, Any], step: int) -> bool:
+  """Whether any evaluator runs after `step` (as run_evaluators decides)."""
+  return any(ev.cfg.every > 0 and step % ev.cfg.every == 0 for ev in evaluators.values())
+
+
+class _LogEvent(NamedTuple):
+  """A log step's device values, read once the next step has been dispatched."""
+  step: int
+  metrics: Any
+  nonfinite: Any
+  host: dict[str, float]  # Input wait, data stats and one-off values taken at the step.
+
+
 def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | None,
           stop_requests: preemption.StopRequests) -> dict[str, float]:
   """Steps from start_step + 1 to the end (or a stop), then the final evaluation."""
@@ -177,6 +191,27 @@ def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | Non
   total = config.total_steps
   progress = Progress(total, start_step, config.batch_size, is_main)
   wait_s, t_start, pending = 0.0, time.perf_counter(), {}
+  deferred: _LogEvent | None = None
+
+  def write(event: _LogEvent) -> int:
+    """Reads a log step's metrics from the device, writes them; returns the non-finite
+    count (raising under nan_policy='stop')."""
+    values = {f"train/{k}": float(v) for k, v in jax.device_get(event.metrics).items()}
+    timing = progress.measure(event.step)  # Now that the step has finished.
+    if "step_time_s" in timing:
+      rates = run.speed.rates(timing["step_time_s"], timing.pop("window_s"),
+                              event.host["train/input_wait_s"])
+      values.update({f"train/{k}": v for k, v in rates.items()})
+    values.update({f"train/{k}": v for k, v in timing.items()})
+    values.update(event.host)
+    writer.write(event.step, values)
+    progress.show(event.step, values)
+    try:
+      return _check_finite(run, {"nonfinite": event.nonfinite}, nonfinite_seen)
+    except NonFiniteError:
+      _close(run)
+      raise
+
   local = first
   for step in range(start_step + 1, total + 1):
     if local is None:
@@ -185,6 +220,9 @@ def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | Non
       wait_s += time.perf_counter() - t0
     state, metrics = step_fn(state, train_step.global_batch(local, mesh))
     local = None
+    if deferred is not None:  # The device is busy with this step while we read the last.
+      nonfinite_seen = write(deferred)
+      deferred = None
     if step == start_step + 1:  # Compilation: report it, keep it out of img/s.
       jax.block_until_ready(metrics)
       first_step_s = time.perf_counter() - t_start
@@ -198,29 +236,29 @@ def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | Non
       if is_main:
         print(f"first step done in {first_step_s:.1f}s (includes compilation; "
               f"{startup_s:.1f}s since start)", flush=True)
-    if step % config.log_every == 0 or step == total:
-      values = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-      timing = progress.measure(step)
-      if "step_time_s" in timing:
-        rates = run.speed.rates(timing["step_time_s"], timing.pop("window_s"), wait_s)
-        values.update({f"train/{k}": v for k, v in rates.items()})
-      values.update({f"train/{k}": v for k, v in timing.items()})
-      values["train/input_wait_s"] = wait_s
-      values["train/examples_seen"] = step * config.batch_size
-      values.update({f"data/{k}": v for k, v in batches.stats().items()})
-      values.update(pending)
-      wait_s, pending = 0.0, {}
-      writer.write(step, values)
-      progress.show(step, values)
     preempted = step < total and stop_requests.requested(step)
     stopping = (stop_at is not None and step >= stop_at and step < total) or preempted
-    if step % config.log_every == 0 or ckpt.should_save(step, total) or stopping:
+    saving = ckpt.should_save(step, total) or stopping
+    if step % config.log_every == 0 or step == total:
+      host = {"train/input_wait_s": wait_s, "train/examples_seen": step * config.batch_size,
+              **{f"data/{k}": v for k, v in batches.stats().items()}, **pending}
+      # A copy (dispatched, not waited for): the next step donates the state's buffers.
+      event = _LogEvent(step, metrics, jax.tree.map(jnp.copy, state["nonfinite"]), host)
+      wait_s, pending = 0.0, {}
+      # Read now when a save, an evaluation or the end follows (they wait for the step
+      # anyway, and a save must never follow an unchecked non-finite step); otherwise
+      # after the next step is dispatched, so the device never idles on the read.
+      if saving or step == total or _due_evals(evaluators, step):
+        nonfinite_seen = write(event)
+      else:
+        deferred = event
+    elif saving:
       try:  # Before any save: under 'stop' no checkpoint follows a non-finite step.
         nonfinite_seen = _check_finite(run, state, nonfinite_seen)
       except NonFiniteError:
         _close(run)
         raise
-    if ckpt.should_save(step, total) or stopping:
+    if saving:
       ckpt.save(step, state, {**meta_base, "step": step,
                               "examples_seen": step * config.batch_size,
                               "data_streams": gather_stream_states(batches.states())})

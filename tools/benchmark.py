@@ -110,10 +110,11 @@ def image_size(config: Any) -> int:
 
 def vocab_size(tokenizer: str) -> int:
   """Vocabulary size of a tokenizer spec, without training one."""
-  from big_vlp.data import tokenizers  # pylint: disable=import-outside-toplevel
   kind, _, arg = tokenizer.partition(":")
   if kind == "sp_train":
     return int(arg.partition(":")[0])
+  # Imported here: it loads TensorFlow, which the other tokenizer specs don't need.
+  from big_vlp.data import tokenizers  # pylint: disable=import-outside-toplevel
   return tokenizers.build_tokenizer(tokenizer).vocab_size
 
 

@@ -16,7 +16,6 @@ latency, which includes filling the first shuffle window, is printed separately)
 """
 
 import argparse
-import importlib.util
 import io
 import os
 import subprocess
@@ -31,17 +30,9 @@ sys.path.insert(0, ROOT)
 import jax
 import numpy as np
 
-from big_vlp import sharding, train_step
-from big_vlp.run_setup import make_input, make_run_spec, make_tokenizer
+from big_vlp.run_setup import make_input, make_tokenizer
 
-
-def load_config(path_arg: str):
-  """`configs/x.py:arg` -> the ConfigDict its get_config(arg) returns."""
-  path, _, arg = path_arg.partition(":")
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg or None)
+import benchmark  # tools/benchmark.py, next to this file.
 
 
 def write_jpeg_tars(out_dir: str, shards: int, per_shard: int, size: int = 256) -> None:
@@ -78,14 +69,11 @@ def write_jpeg_tars(out_dir: str, shards: int, per_shard: int, size: int = 256) 
 
 def s16_config(data_dir: str):
   """A ViT-S/16 two-tower at 224 px (S text tower, 64 tokens) on the built JPEG dataset."""
-  c = load_config(f"configs/demo.py:data=bench_jpeg,data_dir={data_dir},res=224,batch=32")
+  c = benchmark.load_config(f"configs/demo.py:data=bench_jpeg,data_dir={data_dir},res=224,batch=32")
   c.tokenizer = "bytes"
   c.data.pp = ("decode|inception_crop(224)|flip_lr|value_range(-1,1)"
                "|tokenize(max_len=64,key='caption',out_key='text')|keep('image','text')")
-  c.model.image.update(variant="S/16", width=384, depth=12, mlp_dim=1536, num_heads=6)
-  c.model.text.update(variant="S", width=384, depth=12, mlp_dim=1536, num_heads=6, max_len=64)
-  c.model.embed_dim = 384
-  return c
+  return benchmark.vit_s16(c)  # The model of `tools/benchmark.py --config vit_s16`.
 
 
 def pipeline_rate(config, workdir: str, seconds: float) -> tuple[float, float, dict]:
@@ -106,22 +94,8 @@ def pipeline_rate(config, workdir: str, seconds: float) -> tuple[float, float, d
 def step_rate(config, first: dict, vocab_size: int, steps: int) -> tuple[float, float]:
   """(img/s of the jitted train step, compile + first step s) on the config's model."""
   config.mesh = {"data": -1, "fsdp": 1}
-  mesh = sharding.mesh_from_config(config)
-  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in first.items()}
-  spec = make_run_spec(config, mesh, vocab_size, shapes)
-  state = train_step.init_state(spec.model, spec.tx, spec.shardings, shapes, config.seed)
-  step = train_step.make_train_step(spec.model, spec.tx, config.loss, spec.schedule,
-                                    spec.shardings, mesh, tuple(shapes))
-  batch = train_step.global_batch(first, mesh)
-  t0 = time.perf_counter()
-  state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  return steps * len(first["image"]) / (time.perf_counter() - t0), compile_s
+  step = benchmark.BigVlpStep(config, first, vocab_size)
+  return len(first["image"]) / step.run(steps), step.compile_s + step.first_step_s
 
 
 def main() -> None:
@@ -136,7 +110,7 @@ def main() -> None:
   rows = []
   for recipe in args.recipes.split(","):
     if recipe == "64":
-      config = load_config("configs/demo.py" + (f":data_dir={args.data_dir}"
+      config = benchmark.load_config("configs/demo.py" + (f":data_dir={args.data_dir}"
                                                 if args.data_dir else ""))
       label = "64px PNG, demo config"
     elif recipe == "224":
