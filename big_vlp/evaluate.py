@@ -8,6 +8,11 @@ The result file (default DIR/eval_results.json) holds {"step", "checkpoint", "re
 
 import json
 import os
+
+if __name__ == "__main__":  # Before the heavy imports: the process may restart once.
+  from big_vlp import hugepages
+  hugepages.restart_with_hugepages()
+
 from typing import Any
 
 from absl import app, flags

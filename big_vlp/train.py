@@ -6,6 +6,11 @@ Reading order: set-up (mesh, tokenizer, model, optimizer, state or resume), then
 
 import sys
 import time
+
+if __name__ == "__main__":  # Before the heavy imports: the process may restart once.
+  from big_vlp import hugepages
+  hugepages.restart_with_hugepages()
+
 from typing import Any, NamedTuple
 
 from absl import app, flags

@@ -35,6 +35,11 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+if __name__ == "__main__":  # The trainer's allocator settings (big_vlp.hugepages).
+  from big_vlp import hugepages
+  hugepages.restart_with_hugepages()
+
+
 # pylint: disable=wrong-import-position
 import jax
 import numpy as np
@@ -314,6 +319,9 @@ def main() -> None:
         f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores", flush=True)
   print(f"model FLOPs per step {count.train_per_step / 1e9:,.2f} G; peak "
         f"{peak / 1e12:,.3f} TFLOP/s ({peak_source})", flush=True)
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  print(f"GLIBC_TUNABLES={tunables!r} (big_vlp.hugepages; the open_clip worker inherits "
+        "the same environment)", flush=True)
   batch = synthetic_batch(config.batch_size, res, text_len, vocab, config.seed)
   t0 = time.perf_counter()
   ours = BigVlpStep(config, batch, vocab)
@@ -343,7 +351,8 @@ def main() -> None:
       "text_len": text_len, "vocab": vocab, "dtype": dtype, "loss": config.loss,
       "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
       "model_flops_per_step": count.train_per_step, "peak_flops": peak,
-      "peak_source": peak_source, "xla_flops_per_step": ours.xla_flops()}
+      "peak_source": peak_source, "xla_flops_per_step": ours.xla_flops(),
+      "glibc_tunables": tunables}
   for name, runner in (("big_vlp", ours), ("open_clip", theirs)):
     if runner is None:
       continue
