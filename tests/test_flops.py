@@ -109,7 +109,8 @@ def test_benchmark_tool_big_vlp_half(tmp_path):
   assert 0 < ours["mfu"] <= 1 and ours["compile_s"] > 0 and ours["compiled_bytes"] > 0
   assert np.isfinite(ours["final_loss"]) and len(ours["round_step_s"]) == 2
   # The analytic count is what XLA compiles, give or take elementwise work and AdamW.
-  assert 1.0 <= res["xla_flops_per_step"] / res["model_flops_per_step"] < 1.3
+  assert res["xla_flops_per_step"] >= res["model_flops_per_step"]
+  assert res["xla_flops_per_step"] < 1.3 * res["model_flops_per_step"]
   assert "big_vlp" in stdout and "MFU" in stdout
 
 
