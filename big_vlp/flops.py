@@ -54,7 +54,8 @@ def map_head_fwd(tokens: int, width: int, mlp_dim: int) -> float:
   return projections + attention + 2 * 2 * width * mlp_dim
 
 
-def _size(kwargs: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def tower_size(kwargs: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+  """A tower's width / depth / mlp_dim / num_heads (+ patch_size) from variant and fields."""
   return common.resolve_size(kwargs.get("variant"),
                              {k: kwargs.get(k) for k in common.SIZE_KEYS + ("patch_size",)},
                              prefix)
@@ -63,7 +64,7 @@ def _size(kwargs: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 def image_fwd(kwargs: Mapping[str, Any], height: int, width_px: int, channels: int = 3,
               head_dim: int | None = None) -> tuple[float, float]:
   """(forward FLOPs, of which patch embedding) of the ViT tower on one image."""
-  size = _size(kwargs, "model.image")
+  size = tower_size(kwargs, "model.image")
   ph, pw = _patch_tuple(size["patch_size"])
   d, patches = size["width"], (height // ph) * (width_px // pw)
   embed = 2 * patches * ph * pw * channels * d
@@ -80,7 +81,7 @@ def image_fwd(kwargs: Mapping[str, Any], height: int, width_px: int, channels: i
 
 def text_fwd(kwargs: Mapping[str, Any], length: int, head_dim: int | None = None) -> float:
   """Forward FLOPs of the text tower on one sequence (the embedding lookup is no matmul)."""
-  size = _size(kwargs, "model.text")
+  size = tower_size(kwargs, "model.text")
   d = size["width"]
   total = encoder_fwd(length, d, size["depth"], size["mlp_dim"])
   if kwargs.get("pool_type", "last") == "map":
@@ -104,5 +105,5 @@ def two_tower_flops(model: Mapping[str, Any], image_shape: tuple[int, ...], text
   c = int(image_shape[2]) if len(image_shape) > 2 else 3
   img, patch_embed = image_fwd(image, h, w, c, embed_dim)
   txt = text_fwd(text, text_len, embed_dim)
-  out_dim = embed_dim if embed_dim is not None else _size(image, "model.image")["width"]
+  out_dim = embed_dim if embed_dim is not None else tower_size(image, "model.image")["width"]
   return StepFlops(img, txt, float(2 * batch * out_dim), patch_embed, int(batch))

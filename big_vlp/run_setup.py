@@ -1,6 +1,7 @@
 """Set-up shared by `train` and `evaluate`: tokenizer, input, model + optimizer + state spec,
 and running the configured evaluators."""
 
+import re
 import sys
 import time
 from typing import Any, NamedTuple
@@ -148,12 +149,45 @@ def make_run_spec(config: Any, mesh: Mesh, vocab_size: int,
   return RunSpec(model, tx, schedule, abstract, shardings)
 
 
+# Pre-processing ops that set the image size; the last one in the train pp wins.
+_SIZE_OPS = r"(?:resize|central_crop|random_crop|inception_crop|resize_small)\((\d+)"
+
+
+def vocab_size_of(spec: str) -> int:
+  """The vocabulary size a tokenizer spec gives, without training or reading data."""
+  kind, _, arg = spec.partition(":")
+  if spec == "bytes":
+    from big_vlp.data.tokenizers import ByteTokenizer  # pylint: disable=import-outside-toplevel
+    return ByteTokenizer().vocab_size
+  if kind == "sp_train":
+    return int(arg.split(":")[0])
+  if kind == "sp":
+    import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+    return spm.SentencePieceProcessor(model_file=arg).get_piece_size()
+  raise ConfigError(f"config.tokenizer={spec!r}: cannot tell its vocabulary size")
+
+
+def image_size_of(config: Any) -> int:
+  """Square image size the train pp produces (its last resize / crop op)."""
+  sizes = re.findall(_SIZE_OPS, config.data.pp)
+  if not sizes:
+    raise ConfigError("config.data.pp has no resize/crop op to take the image size from; "
+                      "give the image size on the command line (plan.py --image_size, "
+                      "benchmark.py --res)")
+  return int(sizes[-1])
+
+
+def eval_due(ev: Any, step: int) -> bool:
+  """Whether evaluator `ev` runs after training step `step` (its `every`; 0 = only at the end)."""
+  return ev.cfg.every > 0 and step % ev.cfg.every == 0
+
+
 def run_evaluators(evaluators: dict[str, Any], params: Any, step: int, writer: MetricWriter,
                    final: bool = False) -> dict[str, float]:
   """Runs the due evaluators; one that raises is reported and training goes on."""
   results = {}
   for name, ev in evaluators.items():
-    if not final and (ev.cfg.every <= 0 or step % ev.cfg.every):
+    if not final and not eval_due(ev, step):
       continue
     t0 = time.perf_counter()
     try:

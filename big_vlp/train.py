@@ -24,8 +24,9 @@ from big_vlp import (checkpoint, config_validation, distributed, flops, perf, pr
                      run_compat, sharding, train_step)
 from big_vlp.metric_writer import MetricWriter, Progress, format_duration
 from big_vlp.evaluators import build_evaluators
-from big_vlp.run_setup import (cli_workdir, gather_stream_states, make_input, make_run_spec,
-                               make_tokenizer, resume_position, run_evaluators)
+from big_vlp.run_setup import (cli_workdir, eval_due, gather_stream_states, make_input,
+                               make_run_spec, make_tokenizer, resume_position,
+                               run_evaluators)
 
 
 def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, float]:
@@ -153,7 +154,8 @@ def _close(run: _Run) -> None:
 
 
 def _check_finite(run: _Run, state: Any, seen: int) -> int:
-  """Reports steps whose update was skipped for non-finite values; stops under 'stop'."""
+  """Reports steps whose update was skipped for non-finite values; under 'stop' closes the
+  run (input, pending saves, metrics) and raises NonFiniteError."""
   nf = jax.device_get(state["nonfinite"])
   count = int(nf["count"])
   if count <= seen:
@@ -166,17 +168,13 @@ def _check_finite(run: _Run, state: Any, seen: int) -> int:
             f"optimizer state are still finite. Last good checkpoint: "
             f"{last_good if last_good is not None else 'none'}.")
   if run.config.get("nan_policy", "skip") == "stop":
+    _close(run)
     raise NonFiniteError(report + " Stopping (config.nan_policy='stop'); "
                          "config.nan_policy='skip' would go on.")
   if jax.process_index() == 0:
     print("warning: " + report + " Going on (config.nan_policy='skip'); the count is "
           "train/nonfinite_steps.", file=sys.stderr, flush=True)
   return count
-
-
-def _due_evals(evaluators: dict[str, Any], step: int) -> bool:
-  """Whether any evaluator runs after `step` (as run_evaluators decides)."""
-  return any(ev.cfg.every > 0 and step % ev.cfg.every == 0 for ev in evaluators.values())
 
 
 class _LogEvent(NamedTuple):
@@ -190,7 +188,7 @@ class _LogEvent(NamedTuple):
 def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | None,
           stop_requests: preemption.StopRequests) -> dict[str, float]:
   """Steps from start_step + 1 to the end (or a stop), then the final evaluation."""
-  config, step_fn, batches, ckpt, writer, evaluators, meta_base, mesh = run[:8]
+  config, step_fn, batches, ckpt, writer, evaluators, meta_base, mesh, *_ = run
   is_main = jax.process_index() == 0
   nonfinite_seen = int(jax.device_get(state["nonfinite"]["count"]))
   total = config.total_steps
@@ -211,11 +209,7 @@ def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | Non
     values.update(event.host)
     writer.write(event.step, values)
     progress.show(event.step, values)
-    try:
-      return _check_finite(run, {"nonfinite": event.nonfinite}, nonfinite_seen)
-    except NonFiniteError:
-      _close(run)
-      raise
+    return _check_finite(run, {"nonfinite": event.nonfinite}, nonfinite_seen)
 
   local = first
   for step in range(start_step + 1, total + 1):
@@ -253,16 +247,12 @@ def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | Non
       # Read now when a save, an evaluation or the end follows (they wait for the step
       # anyway, and a save must never follow an unchecked non-finite step); otherwise
       # after the next step is dispatched, so the device never idles on the read.
-      if saving or step == total or _due_evals(evaluators, step):
+      if saving or step == total or any(eval_due(ev, step) for ev in evaluators.values()):
         nonfinite_seen = write(event)
       else:
         deferred = event
-    elif saving:
-      try:  # Before any save: under 'stop' no checkpoint follows a non-finite step.
-        nonfinite_seen = _check_finite(run, state, nonfinite_seen)
-      except NonFiniteError:
-        _close(run)
-        raise
+    elif saving:  # Before any save: under 'stop' no checkpoint follows a non-finite step.
+      nonfinite_seen = _check_finite(run, state, nonfinite_seen)
     if saving:
       ckpt.save(step, state, {**meta_base, "step": step,
                               "examples_seen": step * config.batch_size,

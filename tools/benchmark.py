@@ -46,7 +46,7 @@ import numpy as np
 
 from big_vlp import flops, perf, sharding, train_step
 from big_vlp.models import common
-from big_vlp.run_setup import make_run_spec
+from big_vlp.run_setup import image_size_of, make_run_spec, vocab_size_of
 
 PRESETS = ("demo", "vit_s16")
 OPEN_CLIP_VENV = os.path.join(ROOT, ".venv-open_clip")
@@ -103,24 +103,6 @@ def set_field(config: Any, assignment: str) -> None:
   if leaf not in node:
     raise SystemExit(f"--set: config has no field {field!r}")
   node[leaf] = value
-
-
-def image_size(config: Any) -> int:
-  """The training image size, read from the config's pre-processing."""
-  m = re.search(r"(?:resize|inception_crop|random_crop|central_crop)\((\d+)", config.data.pp)
-  if not m:
-    raise SystemExit("cannot find the image size in config.data.pp; pass --res")
-  return int(m.group(1))
-
-
-def vocab_size(tokenizer: str) -> int:
-  """Vocabulary size of a tokenizer spec, without training one."""
-  kind, _, arg = tokenizer.partition(":")
-  if kind == "sp_train":
-    return int(arg.partition(":")[0])
-  # Imported here: it loads TensorFlow, which the other tokenizer specs don't need.
-  from big_vlp.data import tokenizers  # pylint: disable=import-outside-toplevel
-  return tokenizers.build_tokenizer(tokenizer).vocab_size
 
 
 def synthetic_batch(batch: int, res: int, text_len: int, vocab: int, seed: int = 0
@@ -194,14 +176,8 @@ class BigVlpStep:
 def open_clip_spec(config: Any, res: int, vocab: int, precision: str, compile_: bool,
                    threads: int | None) -> dict[str, Any]:
   """The architecture and training settings open_clip_worker.py rebuilds."""
-  def tower(kwargs: Any, prefix: str) -> dict[str, Any]:
-    size = common.resolve_size(kwargs.get("variant"),
-                               {k: kwargs.get(k) for k in common.SIZE_KEYS + ("patch_size",)},
-                               prefix)
-    return size
-
-  image = tower(config.model.image, "model.image")
-  text = tower(config.model.text, "model.text")
+  image = flops.tower_size(config.model.image, "model.image")
+  text = flops.tower_size(config.model.text, "model.text")
   patch = image["patch_size"]
   patch = patch[0] if isinstance(patch, (tuple, list)) else patch
   o = config.optim
@@ -306,9 +282,9 @@ def main() -> None:
     config.batch_size = args.batch
   if args.dtype:
     config.model.image.dtype = config.model.text.dtype = args.dtype
-  res = args.res or image_size(config)
+  res = args.res or image_size_of(config)
   text_len = int(config.model.text.max_len)
-  vocab = vocab_size(config.tokenizer)
+  vocab = vocab_size_of(config.tokenizer)
   dtype = perf.compute_dtype(config.model)
   count = flops.two_tower_flops(config.model, (res, res, 3), text_len, config.batch_size)
   peak, peak_source = perf.peak_flops(dtype, args.peak_flops)

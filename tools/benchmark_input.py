@@ -69,7 +69,8 @@ def write_jpeg_tars(out_dir: str, shards: int, per_shard: int, size: int = 256) 
 
 def s16_config(data_dir: str):
   """A ViT-S/16 two-tower at 224 px (S text tower, 64 tokens) on the built JPEG dataset."""
-  c = benchmark.load_config(f"configs/demo.py:data=bench_jpeg,data_dir={data_dir},res=224,batch=32")
+  c = benchmark.load_config(
+      f"configs/demo.py:data=bench_jpeg,data_dir={data_dir},res=224,batch=32")
   c.tokenizer = "bytes"
   c.data.pp = ("decode|inception_crop(224)|flip_lr|value_range(-1,1)"
                "|tokenize(max_len=64,key='caption',out_key='text')|keep('image','text')")
@@ -110,8 +111,8 @@ def main() -> None:
   rows = []
   for recipe in args.recipes.split(","):
     if recipe == "64":
-      config = benchmark.load_config("configs/demo.py" + (f":data_dir={args.data_dir}"
-                                                if args.data_dir else ""))
+      config = benchmark.load_config(
+          "configs/demo.py" + (f":data_dir={args.data_dir}" if args.data_dir else ""))
       label = "64px PNG, demo config"
     elif recipe == "224":
       data_dir = os.path.join(args.workdir, "tfds")

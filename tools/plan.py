@@ -18,7 +18,6 @@ and keep some headroom. Exit status: 0 if it fits, 1 if not.
 
 import json
 import os
-import re
 import sys
 import time
 
@@ -48,36 +47,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from big_vlp import config_validation, sharding, train_step
-from big_vlp.config_errors import ConfigError
-from big_vlp.run_setup import make_run_spec
+from big_vlp.run_setup import image_size_of, make_run_spec, vocab_size_of
 
 GIB = 2 ** 30
-_SIZE_OPS = r"(?:resize|central_crop|random_crop|inception_crop|resize_small)\((\d+)"
-
-
-def vocab_size_of(spec: str) -> int:
-  """The vocabulary size a tokenizer spec gives, without training or reading data."""
-  kind, _, arg = spec.partition(":")
-  if spec == "bytes":
-    from big_vlp.data.tokenizers import ByteTokenizer
-    return ByteTokenizer().vocab_size
-  if kind == "sp_train":
-    return int(arg.split(":")[0])
-  if kind == "sp":
-    import sentencepiece as spm
-    return spm.SentencePieceProcessor(model_file=arg).get_piece_size()
-  raise ConfigError(f"config.tokenizer={spec!r}: cannot tell its vocabulary size")
-
-
-def image_size_of(config) -> int:
-  """Square image size the train pp produces (its last resize / crop op)."""
-  sizes = re.findall(_SIZE_OPS, config.data.pp)
-  if not sizes:
-    raise ConfigError("config.data.pp has no resize/crop op to take the image size from; "
-                      "pass --image_size")
-  return int(sizes[-1])
-
-
 def _bytes_per_device(tree, shardings) -> int:
   leaves = jax.tree.leaves(tree)
   shs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
