@@ -152,6 +152,34 @@ def constrain(x: jnp.ndarray, *names: str | None) -> jnp.ndarray:
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
+def kept_tokens(n: int, mask_ratio: float) -> int:
+  """Tokens kept of `n` when a fraction `mask_ratio` is dropped (FLIP; at least one)."""
+  if not 0.0 <= mask_ratio < 1.0:
+    raise ValueError(f"mask_ratio {mask_ratio} is not in [0, 1)")
+  return max(1, int(n * (1.0 - mask_ratio)))
+
+
+def random_keep(x: jnp.ndarray, keep: int, rng: jax.Array) -> jnp.ndarray:
+  """x [B, N, W] -> [B, keep, W]: a uniformly random subset of each row's N tokens."""
+  noise = jax.random.uniform(rng, x.shape[:2])
+  idx = jnp.argsort(noise, axis=1)[:, :keep]
+  return jnp.take_along_axis(x, idx[..., None], axis=1)
+
+
+def project(head_dim: int | None, dtype: Any, pooled: jnp.ndarray, aux: dict[str, Any],
+            project_tokens: bool) -> tuple[jnp.ndarray, dict[str, Any]]:
+  """Applies a tower's optional `head` Dense to the pooled output (and to every token when
+  asked), inside the calling module's scope."""
+  if head_dim is None:
+    if project_tokens:
+      aux["tokens_proj"] = aux["tokens"]
+    return pooled, aux
+  head = nn.Dense(head_dim, dtype=dtype, param_dtype=jnp.float32, name="head")
+  if project_tokens:
+    aux["tokens_proj"] = head(aux["tokens"])
+  return head(pooled), aux
+
+
 class MlpBlock(nn.Module):
   """Two-layer GELU MLP used inside every transformer block."""
   mlp_dim: int

@@ -1,6 +1,7 @@
 """Text transformer tower: token + learned position embedding, masked encoder, pooling."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from big_vlp.config_errors import check_choice, fail
@@ -33,9 +34,15 @@ class TextTransformer(nn.Module):
   scan: bool = False
 
   @nn.compact
-  def __call__(self, tokens: jnp.ndarray, *, train: bool = False
-               ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """tokens int [B, L] -> (pooled [B, width or head_dim], aux with 'tokens' [B, L, width])."""
+  def __call__(self, tokens: jnp.ndarray, *, train: bool = False, mask_ratio: float = 0.0,
+               project_tokens: bool = False) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """tokens int [B, L] -> (pooled [B, width or head_dim], aux with 'tokens' [B, L', width]
+    and 'mask' [B, L'], True for real tokens).
+
+    `mask_ratio` > 0 (FLIP's text masking) keeps `kept_tokens(L, mask_ratio)` positions per
+    text, dropping padding first and then random real tokens; kept tokens stay in order.
+    `project_tokens` adds aux 'tokens_proj' (every token through the `head` projection).
+    """
     size = common.resolve_size(
         self.variant, dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
                            num_heads=self.num_heads), PREFIX)
@@ -59,9 +66,17 @@ class TextTransformer(nn.Module):
     # Absolute positions of real tokens don't depend on how much padding follows them,
     # which (with pads masked as keys) makes the pooled output padding-invariant.
     x = x + pos[:, :length].astype(dtype)
+    real = tokens != self.pad_id  # [B, L]
+    if mask_ratio:
+      keep = common.kept_tokens(length, mask_ratio)
+      # Padding scores above every real token, so it is dropped first (as FLIP does).
+      order = jax.random.uniform(self.make_rng("mask"), real.shape) + jnp.where(real, 0., 2.)
+      idx = jnp.sort(jnp.argsort(order, axis=1)[:, :keep], axis=1)
+      x = jnp.take_along_axis(x, idx[..., None], axis=1)
+      real = jnp.take_along_axis(real, idx, axis=1)
+      length = keep
     x = nn.Dropout(rate=self.dropout)(x, not train)
 
-    real = tokens != self.pad_id  # [B, L]
     mask = real[:, None, None, :]
     if self.causal:
       mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
@@ -81,8 +96,5 @@ class TextTransformer(nn.Module):
     else:
       pooled = common.MAPHead(size["mlp_dim"], size["num_heads"], dtype)(x, real)
 
-    aux = {"tokens": x, "pre_logits": pooled}
-    if self.head_dim is not None:
-      pooled = nn.Dense(self.head_dim, dtype=dtype, param_dtype=jnp.float32,
-                        name="head")(pooled)
-    return pooled, aux
+    aux = {"tokens": x, "mask": real, "pre_logits": pooled}
+    return common.project(self.head_dim, dtype, pooled, aux, project_tokens)

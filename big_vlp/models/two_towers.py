@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from big_vlp.config_errors import fail
@@ -87,12 +88,44 @@ class TwoTower(nn.Module):
     ztxt, _ = self.txt(tokens, train=train)
     return l2_normalize(ztxt)
 
-  def __call__(self, image: jnp.ndarray, tokens: jnp.ndarray, train: bool = False
+  def encode_image_tokens(self, image: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """image [B, H, W, C] -> every patch token projected and L2-normalised [B, N, D]."""
+    _, aux = self.img(image, train=train, project_tokens=True)
+    return l2_normalize(aux["tokens_proj"])
+
+  def encode_text_tokens(self, tokens: jnp.ndarray, train: bool = False
+                         ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """tokens int [B, L] -> (every token projected, L2-normalised [B, L, D]; real [B, L])."""
+    _, aux = self.txt(tokens, train=train, project_tokens=True)
+    return l2_normalize(aux["tokens_proj"]), aux["mask"]
+
+  def __call__(self, image: jnp.ndarray, tokens: jnp.ndarray, train: bool = False, *,
+               locked: tuple[str, ...] = (), image_mask: float = 0.0,
+               text_mask: float = 0.0, token_outputs: bool = False
                ) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, Any]]:
-    """Returns (zimg, ztxt, {'t', 'scale', 'bias'}); scale = exp(t), clamped by max_scale."""
-    zimg = self.encode_image(image, train=train)
-    ztxt = self.encode_text(tokens, train=train)
-    return zimg, ztxt, self.scale_bias()
+    """Returns (zimg, ztxt, {'t', 'scale', 'bias'}); scale = exp(t), clamped by max_scale.
+
+    Training options of the recipes: towers named in `locked` ('img', 'txt'; LiT) run in
+    inference mode and pass no gradient back; `image_mask` / `text_mask` drop that fraction
+    of tokens when training (FLIP; ignored when not training); `token_outputs` adds
+    'img_tokens' [B, N, D], 'txt_tokens' [B, L, D] (projected, L2-normalised per token) and
+    'txt_mask' [B, L] to the dict (FILIP).
+    """
+    out = dict(self.scale_bias())
+    towers = {}
+    for name, tower, x, ratio in (("img", self.img, image, image_mask),
+                                  ("txt", self.txt, tokens, text_mask)):
+      on = train and name not in locked
+      pooled, aux = tower(x, train=on, mask_ratio=ratio if train else 0.0,
+                          project_tokens=token_outputs)
+      if name in locked:
+        pooled, aux = jax.lax.stop_gradient((pooled, aux))
+      towers[name] = (l2_normalize(pooled), aux)
+    (zimg, img_aux), (ztxt, txt_aux) = towers["img"], towers["txt"]
+    if token_outputs:
+      out.update(img_tokens=l2_normalize(img_aux["tokens_proj"]),
+                 txt_tokens=l2_normalize(txt_aux["tokens_proj"]), txt_mask=txt_aux["mask"])
+    return zimg, ztxt, out
 
   def scale_bias(self) -> dict[str, Any]:
     """{'t', 'scale', 'bias'}: the loss's learned scalars, without running the towers."""

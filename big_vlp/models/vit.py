@@ -47,9 +47,15 @@ class ViT(nn.Module):
   scan: bool = False
 
   @nn.compact
-  def __call__(self, image: jnp.ndarray, *, train: bool = False
-               ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """image [B, H, W, C] -> (pooled [B, width or head_dim], aux with 'tokens' [B, N, width])."""
+  def __call__(self, image: jnp.ndarray, *, train: bool = False, mask_ratio: float = 0.0,
+               project_tokens: bool = False) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """image [B, H, W, C] -> (pooled [B, width or head_dim], aux with 'tokens' [B, N, width]).
+
+    `mask_ratio` > 0 (FLIP) keeps a random `kept_tokens(N, mask_ratio)` of the N patches of
+    each image (drawn from the 'mask' rng) and drops the rest before the encoder.
+    `project_tokens` adds aux 'tokens_proj': every patch token through the `head`
+    projection (token-wise similarity, FILIP).
+    """
     size = common.resolve_size(
         self.variant, dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
                            num_heads=self.num_heads, patch_size=self.patch_size), PREFIX)
@@ -80,6 +86,9 @@ class ViT(nn.Module):
         fail(f"{PREFIX}.width", width, "posemb='sincos2d' needs a width divisible by 4")
       pos = common.posemb_sincos_2d(gh, gw, width)
     x = x + pos.astype(dtype)
+    if mask_ratio:
+      x = common.random_keep(x, common.kept_tokens(gh * gw, mask_ratio),
+                             self.make_rng("mask"))
 
     if self.pool_type == "tok":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)
@@ -99,7 +108,4 @@ class ViT(nn.Module):
       pooled = x[:, 0]
 
     aux = {"tokens": tokens, "pre_logits": pooled}
-    if self.head_dim is not None:
-      pooled = nn.Dense(self.head_dim, dtype=dtype, param_dtype=jnp.float32,
-                        name="head")(pooled)
-    return pooled, aux
+    return common.project(self.head_dim, dtype, pooled, aux, project_tokens)
