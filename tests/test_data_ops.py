@@ -559,3 +559,77 @@ def test_register_custom_op():
   assert run("test_double|test_double(key='x')", x=3)["x"] == 12
   with pytest.raises(ValueError, match="already registered"):
     ops.register("test_double")(double)
+
+
+# ----------------------------------------------------------------------------- choice(also=)
+
+
+def test_choice_also_takes_the_row_of_the_chosen_caption():
+  captions = ["a", "", "b", "  ", "c"]  # Blank ones are never picked: rows keep their place.
+  rows = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+  spec = "choice(key='caption', also=('z', 'ids'))"
+  outs = run_seeds(spec, [(6, s) for s in range(40)], caption=captions, z=rows,
+                   ids=np.arange(5, dtype=np.int32))
+  assert {ex["caption"] for ex in outs} == {b"a", b"b", b"c"}
+  for ex in outs:
+    index = captions.index(ex["caption"].decode())
+    np.testing.assert_array_equal(ex["z"], rows[index])
+    assert ex["ids"] == index
+  # The same pick as without `also` (same seed scheme), and out_key leaves `key` alone.
+  plain = run_seeds("choice(key='caption')", [(6, s) for s in range(40)], caption=captions)
+  assert [ex["caption"] for ex in outs] == [ex["caption"] for ex in plain]
+  out = run("choice(out_key='text', also='z')", seed=(6, 11), caption=captions, z=rows)
+  assert out["text"] == plain[11]["caption"] and out["z"].shape == (3,)
+  # A scalar caption is one entry: its row 0.
+  out = run("choice(also=('z',))", caption="only one", z=rows[:1])
+  np.testing.assert_array_equal(out["z"], rows[0])
+
+
+def test_choice_also_on_non_text_and_unknown_shapes():
+  outs = run_seeds("choice('ids', also=('z',))", [(0, s) for s in range(20)], ids=[4, 5, 6],
+                   z=[[40.0], [50.0], [60.0]])
+  assert all(ex["z"][0] == 10 * ex["ids"] for ex in outs)
+  fn = ops.get_preprocess_fn("choice(also=('z',))")
+  pick = tf.function(lambda c, z: fn({"caption": c, "z": z,
+                                      ops.SEED_KEY: tf.constant([0, 1], tf.int64)}),
+                     input_signature=[tf.TensorSpec(None, tf.string),
+                                      tf.TensorSpec([None, 2], tf.float32)])
+  out = pick(tf.constant(["x", "y"]), tf.constant([[1.0, 1.0], [2.0, 2.0]]))
+  assert float(out["z"][0]) == {b"x": 1.0, b"y": 2.0}[out["caption"].numpy()]
+  np.testing.assert_array_equal(pick(tf.constant("x"), tf.constant([[3.0, 4.0]]))["z"], [3, 4])
+  with pytest.raises(tf.errors.InvalidArgumentError, match="as many rows"):
+    pick(tf.constant(["x", "y"]), tf.constant([[1.0, 1.0]]))
+
+
+def test_choice_also_rejects_misaligned_keys():
+  fn = ops.get_preprocess_fn("choice(also=('z',))")
+  seed = tf.constant([0, 1], tf.int64)
+  rows = tf.zeros([2, 3])
+  # Static shapes that disagree: OpArgError (eagerly, as the input's start-up check runs).
+  with pytest.raises(ops.OpArgError, match=r"'z'.*2 rows.*'caption'.*3 entries"):
+    fn({"caption": tf.constant(["a", "b", "c"]), "z": rows, ops.SEED_KEY: seed})
+  with pytest.raises(ops.OpArgError, match=r"'z'.*2 rows.*1 entries"):
+    fn({"caption": tf.constant("scalar"), "z": rows, ops.SEED_KEY: seed})
+  with pytest.raises(ops.OpArgError, match="got a scalar"):
+    fn({"caption": tf.constant(["a", "b"]), "z": tf.constant(1.0), ops.SEED_KEY: seed})
+  # Dataset features have dynamic shapes: the example fails at run time.
+  pick = tf.function(lambda c, z: fn({"caption": c, "z": z, ops.SEED_KEY: seed}),
+                     input_signature=[tf.TensorSpec([None], tf.string),
+                                      tf.TensorSpec([None, 3], tf.float32)])
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"example.*z.*as many rows"):
+    pick(tf.constant(["a", "b", "c"]), rows)
+  for bad in ("choice(also=('caption',))", "choice(also=3)", "choice(also=('z', 'z'))",
+              "choice(out_key='t', also=('t',))"):
+    with pytest.raises(ConfigError, match="'choice'"):
+      ops.get_preprocess_fn(bad)
+
+
+# What `choice` picked from ["a", "", "b", "c", "d"] with seeds (6, 0..11) before `also` existed.
+RECORDED_CHOICE_PICKS = ["c", "a", "c", "d", "d", "c", "c", "b", "a", "b", "d", "a"]
+
+
+def test_choice_without_also_is_unchanged():
+  captions = ["a", "", "b", "c", "d"]
+  picks = [ex["caption"].decode() for ex in run_seeds("choice", [(6, s) for s in range(12)],
+                                                       caption=captions)]
+  assert picks == RECORDED_CHOICE_PICKS

@@ -678,17 +678,50 @@ _BLANK = r"[\s\v\p{Z}\x{85}\x{feff}]*"
 
 
 @register("choice")
-def choice(key: str = "caption", out_key: str | None = None) -> ExampleFn:
+def choice(key: str = "caption", out_key: str | None = None,
+           also: str | tuple[str, ...] = ()) -> ExampleFn:
   """Picks one entry of a vector `example[key]` uniformly (seeded) into `out_key or key`.
 
   Blank strings (empty or whitespace only) are never picked: tokenized, a caption without
   text is a bare end-of-text token, never a useful training pair. With nothing to pick (an
   empty vector, only blank strings, a blank scalar string) it raises, so the training input
   drops the example and counts it in data/skipped. Other scalars pass through unchanged.
+
+  `also` names features aligned with `key` along their first axis (e.g. 'teacher_ztxt',
+  one stored embedding [C, D] per caption): each is replaced by its row at the index picked
+  from `key`, so it keeps describing the chosen entry. A scalar `key` counts as one entry.
   """
+  also = (also,) if isinstance(also, str) else also
+  if not isinstance(also, (tuple, list)):
+    raise OpArgError(f"op 'choice': also must be a key or a tuple of keys, got {also!r}")
+  also = _keys_arg("choice", tuple(also))
   _keys_arg("choice", (key,) if out_key is None else (key, out_key))
   out_key = out_key or key
+  if key in also or out_key in also or len(set(also)) != len(also):
+    raise OpArgError(f"op 'choice': also={also!r} must name other keys than key={key!r} and "
+                     f"out_key={out_key!r}, each once")
   message = f"op 'choice': nothing to pick in example[{key!r}] (empty, or only blank text)"
+
+  def aligned(example: Example, count: tf.Tensor, static_count: int | None) -> dict:
+    """The `also` features, checked to have `count` rows along their first axis."""
+    out = {}
+    for k in also:
+      value = example[k]
+      if value.shape.rank == 0:
+        raise OpArgError(f"op 'choice': also key {k!r} must have a first axis aligned with "
+                         f"example[{key!r}], got a scalar")
+      rows = value.shape[0] if value.shape.rank is not None else None
+      if rows is not None and static_count is not None and rows != static_count:
+        raise OpArgError(f"op 'choice': example[{k!r}] has {rows} rows along its first axis "
+                         f"but example[{key!r}] has {static_count} entries; also keys must be "
+                         "aligned with it")
+      check = tf.debugging.assert_equal(
+          tf.shape(value, out_type=tf.int32)[0], count,
+          message=f"op 'choice': example[{k!r}] must have as many rows along its first axis "
+                  f"as example[{key!r}] has entries")
+      with tf.control_dependencies([check]):
+        out[k] = tf.identity(value)
+    return out
 
   def fn(example):
     values = example[key]
@@ -699,7 +732,8 @@ def choice(key: str = "caption", out_key: str | None = None) -> ExampleFn:
         blank = tf.strings.regex_full_match(values, _BLANK)
         with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(blank), [message])]):
           values = tf.identity(values)
-      return {**example, out_key: values}
+      rows = {k: v[0] for k, v in aligned(example, tf.constant(1), 1).items()} if also else {}
+      return {**example, out_key: values, **rows}
     if rank is not None and rank > 1:
       raise ValueError(f"op 'choice' needs a scalar or a vector in example[{key!r}], got "
                        f"shape {values.shape}")
@@ -707,12 +741,22 @@ def choice(key: str = "caption", out_key: str | None = None) -> ExampleFn:
         tf.rank(values), 1, message=f"op 'choice': example[{key!r}] must be a scalar or vector")]
     with tf.control_dependencies(checks):
       flat = tf.reshape(values, [-1])  # A scalar of unknown rank becomes a 1-vector.
+    entries = flat
     if text:
-      flat = tf.boolean_mask(flat, tf.logical_not(tf.strings.regex_full_match(flat, _BLANK)))
+      keep = tf.logical_not(tf.strings.regex_full_match(flat, _BLANK))
+      if also:  # Where each pickable entry sits in `entries`: the row of the `also` keys.
+        positions = tf.where(keep)[:, 0]
+      flat = tf.boolean_mask(flat, keep)
     with tf.control_dependencies([tf.debugging.assert_positive(tf.size(flat), message)]):
       index = tf.random.stateless_uniform([], op_seed(example, "choice"),
                                           maxval=tf.size(flat), dtype=tf.int32)
-    return {**example, out_key: tf.gather(flat, index)}
+    out = {**example, out_key: tf.gather(flat, index)}
+    if also:
+      row = tf.gather(positions, index) if text else index
+      static_count = entries.shape[0] if rank == 1 else None
+      for k, value in aligned(example, tf.size(entries), static_count).items():
+        out[k] = tf.gather(value, row)
+    return out
   return fn
 
 
