@@ -3,7 +3,7 @@
 from typing import Any
 
 from big_vlp.config_errors import check_choice
-from big_vlp.evaluators.common import Encoders
+from big_vlp.evaluators.common import Encoders, similarity_of
 from big_vlp.evaluators.retrieval import Retrieval
 from big_vlp.evaluators.zeroshot import ZeroShot
 
@@ -11,12 +11,18 @@ EVALUATORS = {"zeroshot": ZeroShot, "retrieval": Retrieval}
 
 
 def build_evaluators(config: Any, model: Any, tokenizer: Any, mesh: Any) -> dict[str, Any]:
-  """Instantiates every evaluator in config.evals (name -> evaluator)."""
+  """Instantiates every evaluator in config.evals (name -> evaluator).
+
+  config.similarity picks how they score image-text pairs: 'pooled' (default; cosine of the
+  pooled embeddings) or 'filip' (token-wise late interaction of the token embeddings).
+  """
   from big_vlp.data import pipeline as data  # Here: tensorflow loads only when needed.
+  similarity = similarity_of(config)
   encoders = Encoders(model, mesh)
   out = {}
   for name, cfg in (config.get("evals") or {}).items():
     kind = check_choice(f"evals.{name}.type", cfg.get("type", name), EVALUATORS)
     out[name] = EVALUATORS[kind](name, cfg, encoders=encoders, tokenizer=tokenizer,
-                                 text_len=int(config.model.text.max_len), data=data)
+                                 text_len=int(config.model.text.max_len), data=data,
+                                 similarity=similarity)
   return out
