@@ -788,14 +788,15 @@ def _describe(features) -> str:
                    for k, f in features.items())
 
 
-def _write_json(path: str, value: Any) -> None:
+def write_json(path: str, value: Any) -> None:
   """Writes JSON to a temporary name, then renames it into place (atomic)."""
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(value, f, indent=1, sort_keys=True)
   os.replace(path + ".tmp", path)
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
+  """The JSON value in `path`, or None if it is missing or unreadable."""
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
@@ -808,7 +809,7 @@ def _existing_splits(version_dir: str) -> dict[str, dict] | None:
   path = os.path.join(version_dir, "dataset_info.json")
   if not os.path.exists(path):
     return None
-  info = _read_json(path)
+  info = read_json(path)
   if not isinstance(info, dict):
     raise BuildError(f"{path} is unreadable; rebuild the dataset (or its splits) with "
                      "--overwrite")
@@ -832,7 +833,7 @@ def _check_features(version_dir: str, split: str, features, other_splits: Sequen
 
 def _task_done(staging: str, index: int, check_shards: bool = True) -> dict | None:
   """The stats of a task whose outputs are all complete, else None."""
-  stats = _read_json(os.path.join(staging, f"t{index:06d}.json"))
+  stats = read_json(os.path.join(staging, f"t{index:06d}.json"))
   if not isinstance(stats, dict):
     return None
   for part in stats.get("shards", []) if check_shards else []:
@@ -857,7 +858,7 @@ def _finish_task(staging: str, result: dict) -> dict:
     shards.append({"file": os.path.basename(target), "examples": count,
                    "bytes": os.path.getsize(target)})
   result["shards"] = shards
-  _write_json(os.path.join(staging, f"t{result['index']:06d}.json"), result)
+  write_json(os.path.join(staging, f"t{result['index']:06d}.json"), result)
   return result
 
 
@@ -894,25 +895,37 @@ def _merge_stats(all_stats: Sequence[dict]) -> dict:
           "images": dict(sorted(images.items()))}
 
 
-def _shard_name(name: str, split: str, index: int, count: int) -> str:
+def shard_name(name: str, split: str, index: int, count: int) -> str:
+  """The tfds file name of shard `index` of `count` of a split."""
   return f"{name}-{split}.tfrecord-{index:05d}-of-{count:05d}"
+
+
+def write_metadata(version_dir: str, features, splits: dict[str, dict],
+                   description: str) -> None:
+  """Writes the tfds metadata of `splits` ({name: {shard_lengths, num_bytes}}, in that order)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  split_infos = [tfds.core.SplitInfo(name=name, shard_lengths=list(info["shard_lengths"]),
+                                     num_bytes=info["num_bytes"])
+                 for name, info in splits.items()]
+  tfds.folder_dataset.write_metadata(data_dir=version_dir, features=features,
+                                     split_infos=split_infos, check_data=False,
+                                     description=description)
 
 
 def _finalize(cfg: BuildConfig, split: str, plan: _Plan, version_dir: str, staging: str,
               task_stats: list[dict], other_splits: dict) -> dict:
   """Moves the staged shards to their tfds names and writes the metadata (resumable)."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   manifest_path = os.path.join(staging, "finalize.json")
-  manifest = _read_json(manifest_path)
+  manifest = read_json(manifest_path)
   if manifest is None:
     staged = [s for stats in task_stats for s in stats["shards"] if s["examples"]]
     if not staged:
       raise BuildError(f"no valid examples in {plan.inputs[:3]}...; skipped: "
                        f"{_merge_stats([plan.parse_stats.as_dict()] + task_stats)['skipped']}")
     manifest = {"other_splits": other_splits, "shards": [
-        dict(s, target=_shard_name(cfg.name, split, i, len(staged)))
+        dict(s, target=shard_name(cfg.name, split, i, len(staged)))
         for i, s in enumerate(staged)]}
-    _write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest)
   os.makedirs(version_dir, exist_ok=True)
   targets = set()
   for shard in manifest["shards"]:
@@ -927,17 +940,13 @@ def _finalize(cfg: BuildConfig, split: str, plan: _Plan, version_dir: str, stagi
                                     f"{glob.escape(cfg.name)}-{glob.escape(split)}.tfrecord-*")):
     if os.path.basename(old) not in targets:  # Shards of an overwritten build of the split.
       os.remove(old)
-  split_infos = [tfds.core.SplitInfo(name=split,
-                                     shard_lengths=[s["examples"] for s in manifest["shards"]],
-                                     num_bytes=sum(s["bytes"] for s in manifest["shards"]))]
-  for other, info in sorted(manifest["other_splits"].items()):
-    split_infos.append(tfds.core.SplitInfo(name=other, shard_lengths=info["shard_lengths"],
-                                           num_bytes=info["num_bytes"]))
+  splits = {split: {"shard_lengths": [s["examples"] for s in manifest["shards"]],
+                   "num_bytes": sum(s["bytes"] for s in manifest["shards"])}}
+  splits.update(sorted(manifest["other_splits"].items()))
   features = _features(plan.kind, plan.class_names)
   try:
-    tfds.folder_dataset.write_metadata(
-        data_dir=version_dir, features=features, split_infos=split_infos, check_data=False,
-        description=f"Built by big_vlp tools/build_dataset.py (--format {cfg.format}).")
+    write_metadata(version_dir, features, splits,
+                   f"Built by big_vlp tools/build_dataset.py (--format {cfg.format}).")
   except ValueError as e:
     raise BuildError(f"cannot write the metadata of {version_dir}: {e}. Shards of a split "
                      "without metadata are left from another interrupted build: rerun its "
@@ -948,17 +957,22 @@ def _finalize(cfg: BuildConfig, split: str, plan: _Plan, version_dir: str, stagi
           "features": _describe(features)}
 
 
+def check_dataset_name(name: str, flag: str = "name") -> None:
+  """Raises BuildArgError unless `name` can name a dataset that tfds reads without a class."""
+  if not re.fullmatch(r"[a-z][a-z0-9_]*", name or ""):
+    _flag_error(flag, name, "must be snake_case: a lowercase letter, then lowercase "
+                "letters, digits or '_'")
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  if name in tfds.list_builders(with_community_datasets=False):
+    _flag_error(flag, name, "is the name of a registered tfds dataset (its builder "
+                "class would be used to read it); choose another name")
+
+
 def _check_config(cfg: BuildConfig) -> str:
   """Validates the flags; returns the split name."""
   if cfg.format not in FORMATS:
     _flag_error("format", cfg.format, "allowed values: " + ", ".join(FORMATS))
-  if not re.fullmatch(r"[a-z][a-z0-9_]*", cfg.name or ""):
-    _flag_error("name", cfg.name, "must be snake_case: a lowercase letter, then lowercase "
-                "letters, digits or '_'")
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  if cfg.name in tfds.list_builders(with_community_datasets=False):
-    _flag_error("name", cfg.name, "is the name of a registered tfds dataset (its builder "
-                "class would be used to read it); choose another name")
+  check_dataset_name(cfg.name)
   split = cfg.split or ("test" if cfg.format == "classes" else "train")
   if not re.fullmatch(r"[A-Za-z0-9_]+", split):
     _flag_error("split", split, "must consist of letters, digits and '_'")
@@ -983,13 +997,13 @@ def _open_staging(staging: str, settings: dict, plan: _Plan, finalizing: bool
   """Creates or checks the staging dir; returns the stats of its complete tasks (else None)."""
   os.makedirs(staging, exist_ok=True)
   settings_path = os.path.join(staging, "settings.json")
-  previous = _read_json(settings_path)
+  previous = read_json(settings_path)
   if previous is not None and previous != settings:
     differ = sorted(k for k in settings if previous.get(k) != settings[k])
     _flag_error("overwrite", False, f"{staging} holds an interrupted build with other settings "
                 f"or inputs (differing: {differ}); rerun that command to finish it, or pass "
                 "--overwrite to start this one afresh")
-  _write_json(settings_path, settings)
+  write_json(settings_path, settings)
   for stale in os.listdir(staging):  # Left by a killed process; their tasks are redone.
     if stale.endswith((".tmp", ".records")):
       os.remove(os.path.join(staging, stale))
@@ -1019,13 +1033,13 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> dict:
   if cfg.overwrite and os.path.isdir(staging):
     shutil.rmtree(staging)
   resuming = os.path.isdir(staging)
-  manifest = _read_json(os.path.join(staging, "finalize.json")) if resuming else None
+  manifest = read_json(os.path.join(staging, "finalize.json")) if resuming else None
   if manifest is not None:  # Interrupted while finalizing: dataset_info.json may be partial.
     other_splits = manifest["other_splits"]
   else:
     existing = _existing_splits(version_dir) or {}
     if split in existing and not resuming and not cfg.overwrite:
-      summary = _read_json(summary_path) or {}
+      summary = read_json(summary_path) or {}
       print(f"{cfg.name}/{split} is already built in {version_dir} "
             f"({sum(existing[split]['shard_lengths'])} examples); nothing to do "
             "(pass --overwrite to rebuild it)")
@@ -1090,7 +1104,7 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> dict:
   }
   if plan.class_names is not None:
     summary["num_classes"] = len(plan.class_names)
-  _write_json(summary_path, summary)
+  write_json(summary_path, summary)
   shutil.rmtree(staging)
   if os.path.isdir(staging_root) and not os.listdir(staging_root):
     os.rmdir(staging_root)
