@@ -3,12 +3,20 @@
   python tools/benchmark.py --config demo
   python tools/benchmark.py --config vit_s16 --batch 32 --compare open_clip
   python tools/benchmark.py --config configs/siglip_b16.py:runlocal=True --set model.image.dtype=bfloat16
+  python tools/benchmark.py --config demo --sweep masking.image=0,0.5,0.75
 
 --config is a preset (demo: configs/demo.py; vit_s16: the demo recipe with ViT-S/16 image
 and S text towers at 224 px, 64 tokens) or `configs/X.py[:args]`; --set FIELD=VALUE
 overrides any field. The step is big_vlp's real train step (both towers, loss, gradients,
 AdamW update) on synthetic in-memory batches of the config's shapes, so input speed does not
 enter (tools/benchmark_input.py measures that).
+
+`--sweep FIELD=V1,V2,...` times one variant of the config per value (FIELD=value, applied
+after --set / --batch / --dtype; values parsed as --set parses them) in this same run: rounds
+alternate over the variants, as with --compare, and the table gives each variant's median
+step time, img/s, MFU, compile time and its img/s relative to the first value's. Each
+variant's MFU counts its own model FLOPs: a FLIP-masked model (masking.image / .text) does
+fewer per step, so its MFU is of the smaller model, and speed-up is the measure to read.
 
 `--compare open_clip` builds the same two-tower architecture in open_clip (PyTorch; same
 widths, depths, heads, patch and image size, text length, vocab, batch, loss, AdamW
@@ -21,6 +29,7 @@ trainer uses (big_vlp.perf: the device table, or a matmul measured here on CPU).
 
 import argparse
 import ast
+import copy
 import importlib.util
 import json
 import os
@@ -44,9 +53,9 @@ if __name__ == "__main__":  # The trainer's allocator settings (big_vlp.hugepage
 import jax
 import numpy as np
 
-from big_vlp import flops, perf, sharding, train_step
+from big_vlp import flops, perf, recipes, sharding, train_step
 from big_vlp.models import common
-from big_vlp.run_setup import image_size_of, make_run_spec, vocab_size_of
+from big_vlp.run_setup import PhasedSteps, image_size_of, make_run_spec, vocab_size_of
 
 PRESETS = ("demo", "vit_s16")
 OPEN_CLIP_VENV = os.path.join(ROOT, ".venv-open_clip")
@@ -85,24 +94,69 @@ def build_config(name: str) -> Any:
   return load_config(name)
 
 
+def parse_value(raw: str) -> Any:
+  """A --set / --sweep value: the Python literal it spells, else the string itself."""
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
+
+
+def assign(config: Any, field: str, value: Any, flag: str = "--set") -> None:
+  """Sets the dotted config field `field` (which must exist) to `value`."""
+  *parents, leaf = field.split(".")
+  node = config
+  for part in parents:
+    if part not in node:
+      raise SystemExit(f"{flag}: config has no field {field!r}")
+    node = node[part]
+  if leaf not in node:
+    raise SystemExit(f"{flag}: config has no field {field!r}")
+  node[leaf] = value
+
+
 def set_field(config: Any, assignment: str) -> None:
   """Applies FIELD=VALUE (VALUE parsed as a Python literal when it is one)."""
   field, sep, raw = assignment.partition("=")
   if not sep:
     raise SystemExit(f"--set {assignment!r}: expected FIELD=VALUE")
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw
-  *parents, leaf = field.split(".")
-  node = config
-  for part in parents:
-    if part not in node:
-      raise SystemExit(f"--set: config has no field {field!r}")
-    node = node[part]
-  if leaf not in node:
-    raise SystemExit(f"--set: config has no field {field!r}")
-  node[leaf] = value
+  assign(config, field, parse_value(raw))
+
+
+def split_values(raw: str) -> list[str]:
+  """'0,0.5,(1, 2)' -> ['0', '0.5', '(1, 2)']: commas in brackets or quotes do not split."""
+  parts, depth, quote, start = [], 0, "", 0
+  for i, ch in enumerate(raw):
+    if quote:
+      quote = "" if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      parts.append(raw[start:i].strip())
+      start = i + 1
+  parts.append(raw[start:].strip())
+  return parts
+
+
+def parse_sweep(arg: str) -> tuple[str, list[str]]:
+  """FIELD=V1,V2,... -> (FIELD, the values as written); SystemExit when malformed."""
+  field, sep, raw = arg.partition("=")
+  values = split_values(raw) if sep else []
+  if not field or not values or "" in values:
+    raise SystemExit(f"--sweep {arg!r}: expected FIELD=V1,V2,... (one field, values "
+                     "separated by commas)")
+  return field, values
+
+
+def step_flops(config: Any, res: int, text_len: int) -> flops.StepFlops:
+  """Model FLOPs of the step the benchmark times: training step 1's phase (FLIP masking
+  drops tokens, a locked tower has no backward pass) and the config's similarity."""
+  return flops.two_tower_flops(config.model, (res, res, 3), text_len, config.batch_size,
+                               recipes.phase_at(config, 1), config.get("similarity", "pooled"))
 
 
 def synthetic_batch(batch: int, res: int, text_len: int, vocab: int, seed: int = 0
@@ -127,10 +181,7 @@ class BigVlpStep:
     spec = make_run_spec(config, mesh, vocab, shapes)
     self.state = train_step.init_state(spec.model, spec.tx, spec.shardings, shapes,
                                        config.seed)
-    step = train_step.make_train_step(spec.model, spec.tx, config.loss, spec.schedule,
-                                      spec.shardings, mesh, tuple(shapes),
-                                      loss_impl=config.get("loss_impl", "global"),
-                                      accum_steps=config.get("accum_steps", 1))
+    step = PhasedSteps(config, spec, mesh, tuple(shapes)).for_step(1)
     self.batch = train_step.global_batch(batch, mesh)
     self.loss = float("nan")
     t0 = time.perf_counter()
@@ -146,7 +197,9 @@ class BigVlpStep:
     t0 = time.perf_counter()
     metrics = None
     for _ in range(steps):
-      self.state, metrics = self.compiled(self.state, self.batch)
+      # The compiled step's third argument is a teacher's params (distillation); the
+      # benchmark's step has no teacher.
+      self.state, metrics = self.compiled(self.state, self.batch, None)
     jax.block_until_ready(metrics)
     self.loss = float(metrics["loss"])
     return (time.perf_counter() - t0) / steps
@@ -254,6 +307,95 @@ def _gib(x: float) -> str:
   return f"{x / 2 ** 30:.2f} GiB" if np.isfinite(x) else "-"
 
 
+class Variant:
+  """One value of a --sweep: its config, compiled step and model FLOPs."""
+
+  def __init__(self, config: Any, field: str, raw: str, args: argparse.Namespace):
+    self.raw, self.value = raw, parse_value(raw)
+    self.config = copy.deepcopy(config)
+    assign(self.config, field, self.value, "--sweep")
+    self.res = args.res or image_size_of(self.config)
+    self.text_len = int(self.config.model.text.max_len)
+    self.vocab = vocab_size_of(self.config.tokenizer)
+    self.dtype = perf.compute_dtype(self.config.model)
+    self.phase = recipes.phase_at(self.config, 1)
+    self.count = step_flops(self.config, self.res, self.text_len)
+    batch = synthetic_batch(self.config.batch_size, self.res, self.text_len, self.vocab,
+                            self.config.seed)
+    t0 = time.perf_counter()
+    self.step = BigVlpStep(self.config, batch, self.vocab)
+    self.build_s = time.perf_counter() - t0
+    self.times: list[float] = []
+
+
+def run_sweep(args: argparse.Namespace, config: Any, field: str, raws: list[str]) -> None:
+  """--sweep: builds a step per value, times them in alternating rounds, prints a table."""
+  base_res = args.res or image_size_of(config)
+  print(f"{args.config}: batch {config.batch_size}, {base_res} px, "
+        f"{int(config.model.text.max_len)} tokens, vocab {vocab_size_of(config.tokenizer)}, "
+        f"{config.loss} loss, {perf.compute_dtype(config.model)}; {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores; sweep {field} = "
+        f"{', '.join(raws)}", flush=True)
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  print(f"GLIBC_TUNABLES={tunables!r} (big_vlp.hugepages)", flush=True)
+  peaks: dict[str, tuple[float, str]] = {}  # Per dtype: CPU peaks are measured, once each.
+  variants = []
+  for raw in raws:
+    v = Variant(config, field, raw, args)
+    if v.dtype not in peaks:
+      peaks[v.dtype] = perf.peak_flops(v.dtype, args.peak_flops)
+      print(f"peak {peaks[v.dtype][0] / 1e12:,.3f} TFLOP/s {v.dtype} ({peaks[v.dtype][1]})",
+            flush=True)
+    print(f"{field}={raw}: batch {v.config.batch_size}, {v.res} px, {v.text_len} tokens, "
+          f"phase {tuple(v.phase)}; model FLOPs per step {v.count.train_per_step / 1e9:,.2f} "
+          f"G; built in {v.build_s:.1f}s (compile {v.step.compile_s:.1f}s), first step "
+          f"{v.step.first_step_s:.2f}s", flush=True)
+    variants.append(v)
+
+  for r in range(args.rounds):  # Alternate, so every variant sees the same machine state.
+    for v in variants:
+      v.times.append(v.step.run(args.steps))
+    print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+        f"{field}={v.raw} {1e3 * v.times[-1]:.1f} ms/step" for v in variants), flush=True)
+
+  entries = []
+  for v in variants:
+    step_s = statistics.median(v.times)
+    peak, peak_source = peaks[v.dtype]
+    entries.append({
+        "value": v.value, "batch": v.config.batch_size, "res": v.res,
+        "text_len": v.text_len, "vocab": v.vocab, "dtype": v.dtype, "loss": v.config.loss,
+        "phase": {"locked": list(v.phase.locked), "image_mask": v.phase.image_mask,
+                  "text_mask": v.phase.text_mask},
+        "model_flops_per_step": v.count.train_per_step, "peak_flops": peak,
+        "peak_source": peak_source, "xla_flops_per_step": v.step.xla_flops(),
+        "step_s": step_s, "img_per_sec": v.config.batch_size / step_s,
+        "mfu": v.count.train_per_step / step_s / peak, "final_loss": v.step.loss,
+        "round_step_s": v.times, "compile_s": v.step.compile_s,
+        "first_step_s": v.step.first_step_s, **v.step.memory()})
+  for e in entries:
+    e["speedup"] = e["img_per_sec"] / entries[0]["img_per_sec"]
+
+  width = max(len(field), *(len(raw) for raw in raws))
+  print(f"\n{field:{width}s} {'step ms':>9s} {'img/s':>9s} {'MFU':>7s} {'compile+1st s':>14s} "
+        f"{'speed-up':>9s} {'step memory':>12s}")
+  for raw, e in zip(raws, entries):
+    print(f"{raw:{width}s} {1e3 * e['step_s']:9.1f} {e['img_per_sec']:9.1f} "
+          f"{100 * e['mfu']:6.1f}% {e['compile_s'] + e['first_step_s']:14.1f} "
+          f"{e['speedup']:8.2f}x {_gib(e.get('compiled_bytes', float('nan'))):>12s}")
+  print(f"\nmedians of {args.rounds} alternating rounds of {args.steps} steps; speed-up is "
+        f"img/s over {field}={raws[0]}'s. MFU counts each variant's own model FLOPs (a masked "
+        "model's are fewer), so compare variants by speed-up, not MFU.")
+  if args.json:
+    results = {
+        "config": args.config, "overrides": args.set, "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(), "glibc_tunables": tunables, "steps": args.steps,
+        "rounds": args.rounds, "sweep": {"field": field, "values": [e["value"] for e in entries]},
+        "variants": entries}
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
   parser.add_argument("--config", default="demo",
@@ -272,8 +414,14 @@ def main() -> None:
   parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
   parser.add_argument("--peak_flops", type=float,
                       help="peak FLOP/s of one device (default: table, or measured on CPU)")
+  parser.add_argument("--sweep", metavar="FIELD=V1,V2,...",
+                      help="time one variant of the config per value of FIELD, alternating")
   parser.add_argument("--json", help="also write the results to this file")
   args = parser.parse_args()
+  if args.sweep and args.compare:
+    parser.error("--sweep and --compare cannot be combined: --sweep compares big_vlp "
+                 "variants with each other; run --compare per variant (--set FIELD=VALUE)")
+  sweep = parse_sweep(args.sweep) if args.sweep else None
 
   config = build_config(args.config)
   for assignment in args.set:
@@ -286,7 +434,10 @@ def main() -> None:
   text_len = int(config.model.text.max_len)
   vocab = vocab_size_of(config.tokenizer)
   dtype = perf.compute_dtype(config.model)
-  count = flops.two_tower_flops(config.model, (res, res, 3), text_len, config.batch_size)
+  if sweep:
+    run_sweep(args, config, *sweep)
+    return
+  count = step_flops(config, res, text_len)
   peak, peak_source = perf.peak_flops(dtype, args.peak_flops)
   oc_python = find_open_clip_python(args.open_clip_python) if args.compare else None
 
