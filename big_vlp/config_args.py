@@ -38,3 +38,12 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     else:
       raise ConfigError(f"config argument {key!r} needs a value ({key}=...)")
   return ml_collections.ConfigDict(out)
+
+
+def split_arg(arg: str | None, keys: tuple[str, ...]) -> tuple[str, str]:
+  """Splits 'k=v,...' into (the items whose key is in `keys`, the others), both as strings;
+  a recipe config parses its own keys and passes the rest to the config it builds on."""
+  own, rest = [], []
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    (own if item.partition("=")[0].strip() in keys else rest).append(item)
+  return ",".join(own), ",".join(rest)

@@ -1,14 +1,26 @@
 """Pieces shared by the configs in configs/: evaluators, optional fields, pod recipes."""
 
+import importlib.util
+import os
 import re
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-from big_vlp import sharding
+from big_vlp import recipes, sharding
 from big_vlp.config_args import parse_arg
 from big_vlp.evaluators.zeroshot import DEFAULT_TEMPLATES
+
+
+def sibling_config(path: str, name: str, arg: str) -> ml_collections.ConfigDict:
+  """get_config(arg) of configs/<name>.py next to the config file `path` (a recipe config
+  builds on another one without the configs directory being a package)."""
+  file = os.path.join(os.path.dirname(os.path.abspath(path)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"big_vlp_config_{name}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def img_pp(res: int) -> str:
@@ -93,6 +105,7 @@ def run_fields(config: ml_collections.ConfigDict, *, log_every: int, ckpt_every:
   config.logical_axes = ml_collections.ConfigDict(
       {k: opt_str(v) for k, v in sharding.DEFAULT_LOGICAL_AXES.items()})
   config.freeze = ()
+  recipes.recipe_fields(config)  # LiT, FLIP, FILIP, distillation: all off by default.
   config.loss_impl = "global"
   # A step whose loss or gradients are not finite never updates the state; 'skip' counts it
   # (train/nonfinite_steps) and goes on, 'stop' ends the run with a report.

@@ -3,7 +3,7 @@
 import math
 from typing import Any
 
-from big_vlp import distributed, losses, optim, sharding
+from big_vlp import distributed, losses, optim, recipes, sharding
 from big_vlp.config_errors import ConfigError, check_choice, fail
 from big_vlp.evaluators import EVALUATORS
 from big_vlp.models.common import check_scan, decode_variant, resolve_remat
@@ -74,6 +74,7 @@ def validate_config(config: Any, num_devices: int, process_count: int = 1) -> No
     _positive_int(config, field)
   check_choice("loss", config.loss, losses.LOSSES)
   check_choice("loss_impl", config.get("loss_impl", "global"), ("global", "sharded"))
+  recipes.validate(config)
   check_choice("nan_policy", config.get("nan_policy", "skip"), ("skip", "stop"))
   peak = config.get("peak_flops")
   if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float))

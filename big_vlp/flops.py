@@ -22,6 +22,7 @@ class StepFlops(NamedTuple):
   loss_fwd: float
   patch_embed_fwd: float  # Part of image_fwd; its backward has no input gradient.
   batch: int
+  locked: tuple[str, ...] = ()  # Towers ('img', 'txt') run forward only (LiT).
 
   @property
   def forward_per_example(self) -> float:
@@ -30,8 +31,10 @@ class StepFlops(NamedTuple):
 
   @property
   def train_per_example(self) -> float:
-    """Forward + backward FLOPs of one pair."""
-    return 3 * self.forward_per_example - self.patch_embed_fwd
+    """Forward + backward FLOPs of one pair (a locked tower: forward only)."""
+    img = self.image_fwd if "img" in self.locked else 3 * self.image_fwd - self.patch_embed_fwd
+    txt = self.text_fwd if "txt" in self.locked else 3 * self.text_fwd
+    return img + txt + 3 * self.loss_fwd
 
   @property
   def train_per_step(self) -> float:
@@ -62,12 +65,15 @@ def tower_size(kwargs: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def image_fwd(kwargs: Mapping[str, Any], height: int, width_px: int, channels: int = 3,
-              head_dim: int | None = None) -> tuple[float, float]:
-  """(forward FLOPs, of which patch embedding) of the ViT tower on one image."""
+              head_dim: int | None = None, mask: float = 0.0,
+              token_outputs: bool = False) -> tuple[float, float]:
+  """(forward FLOPs, of which patch embedding) of the ViT tower on one image, with a
+  fraction `mask` of the patches dropped after the embedding (FLIP)."""
   size = tower_size(kwargs, "model.image")
   ph, pw = _patch_tuple(size["patch_size"])
   d, patches = size["width"], (height // ph) * (width_px // pw)
   embed = 2 * patches * ph * pw * channels * d
+  patches = common.kept_tokens(patches, mask)
   pool = kwargs.get("pool_type", "gap")
   tokens = patches + (1 if pool == "tok" else 0)
   total = embed + encoder_fwd(tokens, d, size["depth"], size["mlp_dim"])
@@ -75,35 +81,48 @@ def image_fwd(kwargs: Mapping[str, Any], height: int, width_px: int, channels: i
     total += map_head_fwd(patches, d, size["mlp_dim"])
   head_dim = head_dim if head_dim is not None else kwargs.get("head_dim")
   if head_dim is not None:
-    total += 2 * d * head_dim
+    total += 2 * d * head_dim * (1 + (patches if token_outputs else 0))
   return float(total), float(embed)
 
 
-def text_fwd(kwargs: Mapping[str, Any], length: int, head_dim: int | None = None) -> float:
+def text_fwd(kwargs: Mapping[str, Any], length: int, head_dim: int | None = None,
+             mask: float = 0.0, token_outputs: bool = False) -> float:
   """Forward FLOPs of the text tower on one sequence (the embedding lookup is no matmul)."""
   size = tower_size(kwargs, "model.text")
   d = size["width"]
+  length = common.kept_tokens(length, mask)
   total = encoder_fwd(length, d, size["depth"], size["mlp_dim"])
   if kwargs.get("pool_type", "last") == "map":
     total += map_head_fwd(length, d, size["mlp_dim"])
   head_dim = head_dim if head_dim is not None else kwargs.get("head_dim")
   if head_dim is not None:
-    total += 2 * d * head_dim
+    total += 2 * d * head_dim * (1 + (length if token_outputs else 0))
   return float(total)
 
 
 def two_tower_flops(model: Mapping[str, Any], image_shape: tuple[int, ...], text_len: int,
-                    batch: int) -> StepFlops:
-  """Model FLOPs of a train step of config.model on images [H, W, C] and `text_len` tokens.
+                    batch: int, phase: Any = None, similarity: str = "pooled") -> StepFlops:
+  """Model FLOPs of a train step of config.model on images [H, W, C] and `text_len` tokens,
+  in a recipe `phase` (big_vlp.recipes.Phase: masked tokens, locked towers).
 
   The contrastive loss compares every image with every text of the global batch: one
-  [B, E] x [E, B] matmul, 2*B*E FLOPs per example.
+  [B, E] x [E, B] matmul, 2*B*E FLOPs per example; FILIP compares every patch with every
+  text token: 2*B*N*L*E.
   """
   image, text = dict(model["image"]), dict(model["text"])
   embed_dim = model.get("embed_dim")
   h, w = int(image_shape[0]), int(image_shape[1])
   c = int(image_shape[2]) if len(image_shape) > 2 else 3
-  img, patch_embed = image_fwd(image, h, w, c, embed_dim)
-  txt = text_fwd(text, text_len, embed_dim)
+  image_mask = phase.image_mask if phase is not None else 0.0
+  text_mask = phase.text_mask if phase is not None else 0.0
+  filip = similarity == "filip"
+  img, patch_embed = image_fwd(image, h, w, c, embed_dim, image_mask, filip)
+  txt = text_fwd(text, text_len, embed_dim, text_mask, filip)
   out_dim = embed_dim if embed_dim is not None else tower_size(image, "model.image")["width"]
-  return StepFlops(img, txt, float(2 * batch * out_dim), patch_embed, int(batch))
+  loss = 2 * batch * out_dim
+  if filip:
+    ph, pw = _patch_tuple(tower_size(image, "model.image")["patch_size"])
+    patches = common.kept_tokens((h // ph) * (w // pw), image_mask)
+    loss *= patches * common.kept_tokens(text_len, text_mask)
+  return StepFlops(img, txt, float(loss), patch_embed, int(batch),
+                   tuple(phase.locked) if phase is not None else ())

@@ -20,8 +20,9 @@ INIT_VALUES = {
 }
 
 
-def _logits(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array) -> jax.Array:
-  # float32 with highest precision: the losses are sensitive to the logit scale.
+def pair_logits(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array) -> jax.Array:
+  """scale * zimg . ztxt^T in float32 at highest precision (the losses are sensitive to the
+  logit scale)."""
   zimg = zimg.astype(jnp.float32)
   ztxt = ztxt.astype(jnp.float32)
   return scale * jnp.matmul(zimg, ztxt.T, precision=jax.lax.Precision.HIGHEST)
@@ -29,7 +30,7 @@ def _logits(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array) -> jax.Array:
 
 def softmax_loss(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array) -> jax.Array:
   """Symmetric InfoNCE (CLIP) loss of N matching image/text pairs."""
-  logits = _logits(zimg, ztxt, scale)
+  logits = pair_logits(zimg, ztxt, scale)
   diag = jnp.diagonal(logits)
   i2t = jax.nn.logsumexp(logits, axis=1) - diag
   t2i = jax.nn.logsumexp(logits, axis=0) - diag
@@ -39,7 +40,7 @@ def softmax_loss(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array) -> jax.Arra
 def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array,
                  bias: jax.Array) -> jax.Array:
   """SigLIP loss: pairwise binary log-likelihood summed over N*N pairs, divided by N."""
-  logits = _logits(zimg, ztxt, scale) + bias
+  logits = pair_logits(zimg, ztxt, scale) + bias
   n = logits.shape[0]
   labels = 2.0 * jnp.eye(n, dtype=logits.dtype) - 1.0
   return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n
@@ -48,13 +49,26 @@ def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array,
 def logit_stats(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array,
                 bias: jax.Array | None) -> dict[str, jax.Array]:
   """Mean positive (matching) and negative logits, for logging."""
-  logits = _logits(zimg, ztxt, scale)
+  logits = pair_logits(zimg, ztxt, scale)
   if bias is not None:
     logits = logits + bias
   n = logits.shape[0]
   pos = jnp.trace(logits) / n
   neg = (jnp.sum(logits) - jnp.trace(logits)) / max(n * (n - 1), 1)
   return {"pos_logit": pos, "neg_logit": neg}
+
+
+def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+  """KL(teacher || student) of the softmax over each row (image->text) and each column
+  (text->image) of [N, N] logits, averaged over rows / columns and the two directions."""
+  s = student_logits.astype(jnp.float32)
+  t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+
+  def kl(axis: int) -> jax.Array:
+    log_pt = jax.nn.log_softmax(t, axis=axis)
+    log_ps = jax.nn.log_softmax(s, axis=axis)
+    return jnp.mean(jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=axis))
+  return 0.5 * (kl(1) + kl(0))
 
 
 LOSSES: dict[str, Callable[..., jax.Array]] = {

@@ -65,7 +65,7 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _block_logits(x: jax.Array, y: jax.Array, scale: jax.Array) -> jax.Array:
-  """scale * x.y^T in float32 at highest precision, as `losses._logits`."""
+  """scale * x.y^T in float32 at highest precision, as `losses.pair_logits`."""
   return scale * _dot(x, y.T)
 
 

@@ -5,7 +5,7 @@ mu_dtype ('float32' | 'bfloat16': dtype of the first moment / momentum; default 
 grad_clip_norm, wd_rules (regexes of params that get weight decay; default kernels only),
 schedule.{name ('cosine' | 'rsqrt' | 'linear' | 'constant'), warmup_steps, end_factor,
 timescale, cooldown_steps}. config.freeze: regexes of params that are frozen: they get
-no optimizer state and never change.
+no optimizer state and never change; config.locking (big_vlp.recipes) adds whole towers.
 """
 
 import re
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from big_vlp import recipes
 from big_vlp.config_errors import check_choice, fail
 from big_vlp.tree_paths import map_with_path
 
@@ -63,14 +64,12 @@ def _matches(rules: Sequence[str]) -> Callable[[str], bool]:
   return lambda path: any(rx.fullmatch(path) for rx in compiled)
 
 
-def trainable_labels(params: Any, freeze: Sequence[str]) -> Any:
-  """'frozen' for params matching a freeze regex, else 'train'."""
-  frozen = _matches(freeze)
-  return map_with_path(lambda path, _: "frozen" if frozen(path) else "train", params)
-
-
-def make_optimizer(config: Any, params: Any) -> tuple[optax.GradientTransformation, Callable]:
-  """Builds the optax transformation and the lr schedule from config.optim / config.freeze."""
+def make_optimizer(config: Any, params: Any, unlocked: bool = False
+                   ) -> tuple[optax.GradientTransformation, Callable]:
+  """Builds the optax transformation and the lr schedule from config.optim / config.freeze /
+  config.locking. Params of frozen or locked towers get no optimizer state; a tower that
+  config.locking.unlock_at_step unlocks has state, updated only by the `unlocked` transform
+  (both transforms have the same state structure)."""
   oc = config.optim
   name = check_choice("optim.name", oc.name, OPTIMIZERS)
   sched = make_schedule(oc, int(config.total_steps))
@@ -79,28 +78,41 @@ def make_optimizer(config: Any, params: Any) -> tuple[optax.GradientTransformati
   wd = float(oc.get("wd", 0.0))
   mu_dtype = MU_DTYPES[check_choice("optim.mu_dtype", oc.get("mu_dtype", "float32"), MU_DTYPES)]
 
-  if name == "adamw":
-    opt = optax.adamw(sched, b1=oc.get("b1", 0.9), b2=oc.get("b2", 0.999),
-                      eps=oc.get("eps", 1e-8), mu_dtype=mu_dtype, weight_decay=wd, mask=wd_mask)
-  elif name == "adafactor":
-    # Only used when momentum (b1) is set: adafactor keeps no first moment otherwise.
-    opt = optax.adafactor(sched, momentum=oc.get("b1", None), dtype_momentum=mu_dtype,
-                          decay_rate=oc.get("b2", 0.8),
-                          weight_decay_rate=wd or None, weight_decay_mask=wd_mask,
-                          multiply_by_parameter_scale=False, clipping_threshold=None)
-  else:
-    opt = optax.chain(optax.add_decayed_weights(wd, mask=wd_mask),
-                      optax.sgd(sched, momentum=oc.get("b1", None), accumulator_dtype=mu_dtype))
+  def build(schedule: Callable) -> optax.GradientTransformation:
+    if name == "adamw":
+      opt = optax.adamw(schedule, b1=oc.get("b1", 0.9), b2=oc.get("b2", 0.999),
+                        eps=oc.get("eps", 1e-8), mu_dtype=mu_dtype, weight_decay=wd,
+                        mask=wd_mask)
+    elif name == "adafactor":
+      # Only used when momentum (b1) is set: adafactor keeps no first moment otherwise.
+      opt = optax.adafactor(schedule, momentum=oc.get("b1", None), dtype_momentum=mu_dtype,
+                            decay_rate=oc.get("b2", 0.8),
+                            weight_decay_rate=wd or None, weight_decay_mask=wd_mask,
+                            multiply_by_parameter_scale=False, clipping_threshold=None)
+    else:
+      opt = optax.chain(optax.add_decayed_weights(wd, mask=wd_mask),
+                        optax.sgd(schedule, momentum=oc.get("b1", None),
+                                  accumulator_dtype=mu_dtype))
+    clip = oc.get("grad_clip_norm", None)
+    return optax.chain(optax.clip_by_global_norm(float(clip)), opt) if clip else opt
 
-  parts = []
-  clip = oc.get("grad_clip_norm", None)
-  if clip:
-    parts.append(optax.clip_by_global_norm(float(clip)))
-  parts.append(opt)
-  train_tx = optax.chain(*parts)
-
-  labels = trainable_labels(params, config.get("freeze", ()) or ())
+  labels = recipes.param_labels(config, params)
   if "train" not in jax.tree.leaves(labels):
-    fail("freeze", tuple(config.freeze), "freezes every parameter; nothing would train")
-  tx = optax.multi_transform({"train": train_tx, "frozen": optax.set_to_zero()}, labels)
-  return tx, sched
+    fail("freeze", tuple(config.get("freeze", ())), "with locking.towers="
+         f"{tuple(recipes.locked_towers(config))} freezes every parameter; nothing would train")
+  transforms = {"train": build(sched), "frozen": optax.set_to_zero()}
+  if "staged" in jax.tree.leaves(labels):
+    # Towers locked until locking.unlock_at_step = n: their own optimizer, which starts at the
+    # unlock (fresh moments and bias correction) on the global schedule (lr of step n + c).
+    n = int(config.locking.unlock_at_step)
+    staged = build(lambda count: sched(count + n))
+    transforms["staged"] = staged if unlocked else _hold(staged)
+  return optax.multi_transform(transforms, labels), sched
+
+
+def _hold(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner`'s state, left untouched, and zero updates: a locked tower before its unlock."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(jnp.zeros_like, updates), state
+  return optax.GradientTransformation(inner.init, update)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from big_vlp import train_step
+from big_vlp import recipes, train_step
 from big_vlp.config_errors import ConfigError
 from big_vlp.metric_writer import MetricWriter
 from big_vlp.model_factory import build_model
@@ -147,6 +147,97 @@ def make_run_spec(config: Any, mesh: Mesh, vocab_size: int,
   abstract, shardings = train_step.abstract_state(model, tx, config.sharding_rules, mesh,
                                                   batch_shapes, config.get("logical_axes"))
   return RunSpec(model, tx, schedule, abstract, shardings)
+
+
+class Teacher(NamedTuple):
+  """A frozen distillation teacher: its model and (replicated) params."""
+  model: Any
+  params: Any
+
+
+def load_teacher(config: Any, mesh: Mesh, tokenizer: Any,
+                 batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Teacher | None:
+  """The teacher run of config.distill (source 'teacher'), checked against this run's input."""
+  if recipes.setting(config, "distill", "source", "none") != "teacher":
+    return None
+  from big_vlp import pretrained  # pylint: disable=import-outside-toplevel
+  run = pretrained.load_run(config.distill.teacher, config.distill.get("step"), mesh=mesh,
+                            field="distill.teacher")
+  pretrained.check_tokenizer(run, tokenizer, field="distill.teacher")
+  image = tuple(batch_shapes["image"].shape[1:])
+  if tuple(run.meta["image_shape"]) != image:
+    raise ConfigError(
+        f"config.distill.teacher={config.distill.teacher!r}: the teacher was trained on "
+        f"images {tuple(run.meta['image_shape'])}, this run's input gives {image}; make "
+        "config.data.pp resize to the teacher's size")
+  return Teacher(run.model, run.params)
+
+
+def init_from_checkpoint(config: Any, params: Any, is_main: bool) -> Any:
+  """`params` with config.init.subtrees taken from config.init.workdir's checkpoint."""
+  if not recipes.setting(config, "init", "workdir", None):
+    return params
+  from big_vlp import pretrained  # pylint: disable=import-outside-toplevel
+  run = pretrained.load_run(config.init.workdir, config.init.get("step"), field="init.workdir")
+  subtrees = tuple(config.init.get("subtrees") or ()) or tuple(params)
+  merged = pretrained.merge_subtrees(params, run.params, subtrees, field="init.subtrees")
+  if is_main:
+    print(f"initialised {', '.join(subtrees)} from {run.workdir} (step {run.step})",
+          flush=True)
+  return merged
+
+
+def check_batch_keys(config: Any, keys: Any) -> None:
+  """Refuses an input whose batches lack what the recipe reads (stored teacher embeddings)."""
+  if recipes.setting(config, "distill", "source", "none") == "data":
+    missing = [k for k in recipes.TEACHER_KEYS if k not in keys]
+    if missing:
+      raise ConfigError(
+          f"config.distill.source='data' reads {', '.join(recipes.TEACHER_KEYS)} from the "
+          f"batches, but config.data.pp gives {', '.join(sorted(keys))} (missing "
+          f"{', '.join(missing)}); write them with tools/teacher_embeddings.py and keep them "
+          "in the pp")
+
+
+class PhasedSteps:
+  """The compiled train step of each recipe phase (big_vlp.recipes.Phase), built on first
+  use; `for_step(n)` gives the one training step n runs with."""
+
+  def __init__(self, config: Any, spec: RunSpec, mesh: Mesh, batch_keys: tuple[str, ...],
+               teacher: Teacher | None = None):
+    self.config, self.spec, self.mesh, self.keys = config, spec, mesh, batch_keys
+    self.teacher = teacher
+    self.labels = recipes.param_labels(config, spec.abstract_state["params"])
+    self._steps: dict[recipes.Phase, Any] = {}
+
+  def phase(self, step: int) -> recipes.Phase:
+    """The recipe phase of training step `step`."""
+    return recipes.phase_at(self.config, step)
+
+  def for_step(self, step: int) -> Any:
+    """fn(state, batch) -> (state, metrics) for training step `step`."""
+    phase = self.phase(step)
+    if phase not in self._steps:
+      self._steps[phase] = self._build(phase)
+    return self._steps[phase]
+
+  def _build(self, phase: recipes.Phase) -> Any:
+    config, spec = self.config, self.spec
+    trainable = recipes.trainable(self.labels, phase)
+    all_train = all(jax.tree.leaves(trainable))
+    tx = spec.tx
+    if not phase.locked and "staged" in jax.tree.leaves(self.labels):
+      tx, _ = make_optimizer(config, spec.abstract_state["params"], unlocked=True)
+    distill = recipes.setting(config, "distill", "source", "none")
+    options = train_step.StepOptions(
+        phase=phase, trainable=None if all_train else trainable,
+        similarity=config.get("similarity", "pooled"), distill_source=distill,
+        distill_weight=float(config.distill.weight) if distill != "none" else 0.0,
+        teacher=self.teacher.model if self.teacher else None)
+    return train_step.make_train_step(
+        spec.model, tx, config.loss, spec.schedule, spec.shardings, self.mesh, self.keys,
+        loss_impl=config.get("loss_impl", "global"), accum_steps=config.get("accum_steps", 1),
+        options=options, teacher_params=self.teacher.params if self.teacher else None)
 
 
 # Pre-processing ops that set the image size; the last one in the train pp wins.

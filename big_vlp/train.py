@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from big_vlp import (checkpoint, config_validation, distributed, flops, perf, preemption,
-                     run_compat, sharding, train_step)
+                     recipes, run_compat, sharding, train_step)
 from big_vlp.metric_writer import MetricWriter, Progress, format_duration
 from big_vlp.evaluators import build_evaluators
-from big_vlp.run_setup import (cli_workdir, eval_due, gather_stream_states, make_input,
-                               make_run_spec, make_tokenizer, resume_position,
+from big_vlp.run_setup import (PhasedSteps, check_batch_keys, cli_workdir, eval_due,
+                               gather_stream_states, init_from_checkpoint, load_teacher,
+                               make_input, make_run_spec, make_tokenizer, resume_position,
                                run_evaluators)
 
 
@@ -57,6 +58,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   batches, first = input_after(resumed)
   batch_shapes = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype)
                   for k, v in first.items()}
+  check_batch_keys(config, batch_shapes)
   spec = make_run_spec(config, mesh, tokenizer.vocab_size, batch_shapes)
   model, abstract, shardings = spec.model, spec.abstract_state, spec.shardings
   if is_main:
@@ -76,11 +78,10 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
       print(f"resumed from step {start_step} ({resumed.meta['examples_seen']} examples seen)")
   else:
     state = train_step.init_state(model, spec.tx, shardings, batch_shapes, config.seed)
+    state["params"] = init_from_checkpoint(config, state["params"], is_main)  # LiT.
   run_compat.record_config(config, workdir, recorded, is_main=is_main)
-  step_fn = train_step.make_train_step(model, spec.tx, config.loss, spec.schedule,
-                                       shardings, mesh, tuple(batch_shapes),
-                                       loss_impl=config.get("loss_impl", "global"),
-                                       accum_steps=config.get("accum_steps", 1))
+  steps = PhasedSteps(config, spec, mesh, tuple(batch_shapes),
+                      load_teacher(config, mesh, tokenizer, batch_shapes))
   writer = MetricWriter(workdir, is_main=is_main)
   writer.truncate_after(start_step)
   evaluators = build_evaluators(config, model, tokenizer, mesh)
@@ -91,7 +92,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
                "batch_size": int(config.batch_size)}
 
   # ---- loop --------------------------------------------------------------------------
-  run = _Run(config, step_fn, batches, ckpt, writer, evaluators, meta_base, mesh, speed,
+  run = _Run(config, steps, batches, ckpt, writer, evaluators, meta_base, mesh, speed,
              started)
   with preemption.StopRequests() as stop_requests:
     return _loop(run, state, first, start_step, stop_at, stop_requests)
@@ -104,7 +105,7 @@ class NonFiniteError(RuntimeError):
 class _Run(NamedTuple):
   """What the loop works with, built by the set-up."""
   config: Any
-  step_fn: Any
+  steps: PhasedSteps  # The compiled step of each recipe phase.
   batches: Any
   ckpt: checkpoint.Checkpointer
   writer: MetricWriter
@@ -137,7 +138,9 @@ class _SpeedModel(NamedTuple):
 def _speed_model(config: Any, batch_shapes: dict[str, Any], is_main: bool) -> _SpeedModel:
   """Counts the model FLOPs of a step and finds the peak they are measured against."""
   count = flops.two_tower_flops(config.model, batch_shapes["image"].shape[1:],
-                                batch_shapes["text"].shape[1], config.batch_size)
+                                batch_shapes["text"].shape[1], config.batch_size,
+                                recipes.phase_at(config, 1),
+                                config.get("similarity", "pooled"))
   peak, source = perf.peak_flops(perf.compute_dtype(config.model), config.get("peak_flops"))
   if is_main:
     print(f"model FLOPs per step {count.train_per_step / 1e9:,.1f} G "
@@ -188,7 +191,7 @@ class _LogEvent(NamedTuple):
 def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | None,
           stop_requests: preemption.StopRequests) -> dict[str, float]:
   """Steps from start_step + 1 to the end (or a stop), then the final evaluation."""
-  config, step_fn, batches, ckpt, writer, evaluators, meta_base, mesh, *_ = run
+  config, steps, batches, ckpt, writer, evaluators, meta_base, mesh, *_ = run
   is_main = jax.process_index() == 0
   nonfinite_seen = int(jax.device_get(state["nonfinite"]["count"]))
   total = config.total_steps
@@ -217,6 +220,14 @@ def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | Non
       t0 = time.perf_counter()
       local = next(batches)
       wait_s += time.perf_counter() - t0
+    step_fn = steps.for_step(step)
+    if step > start_step + 1 and steps.phase(step) != steps.phase(step - 1):
+      t0 = time.perf_counter()  # A new recipe phase (unlock, unmasked tuning): compile it.
+      step_fn.compile(state, train_step.global_batch(local, mesh))
+      progress.exclude(time.perf_counter() - t0)
+      if is_main:
+        print(f"step {step}: recipe phase {steps.phase(step)} (compiled in "
+              f"{time.perf_counter() - t0:.1f}s)", flush=True)
     state, metrics = step_fn(state, train_step.global_batch(local, mesh))
     local = None
     if deferred is not None:  # The device is busy with this step while we read the last.

@@ -5,15 +5,16 @@ final shardings (jit with out_shardings), so no device ever holds a full unshard
 of parameters that the rules split.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from big_vlp import losses, losses_sharded, sharding
+from big_vlp import losses, losses_sharded, recipes, sharding
 from big_vlp.tree_paths import leaf_paths, map_with_path
 
 State = dict[str, Any]
@@ -106,9 +107,61 @@ def _contrastive(loss_name: str, loss_impl: str, mesh: Mesh) -> Callable:
   return lambda zi, zt, s, b: losses.contrastive_loss(loss_name, zi, zt, s, b)
 
 
+class StepOptions(NamedTuple):
+  """Recipe options of one compiled step; big_vlp.recipes.step_options derives them."""
+  phase: recipes.Phase = recipes.Phase()
+  # bool per param (None: all). The step differentiates only w.r.t. the True ones; the
+  # others get zero gradients that are never computed (LiT, config.freeze).
+  trainable: Any = None
+  similarity: str = "pooled"  # 'pooled' or 'filip' (token-wise, big_vlp.losses_filip).
+  distill_source: str = "none"  # 'none', 'teacher' (run `teacher` in the step) or 'data'.
+  distill_weight: float = 0.0
+  teacher: nn.Module | None = None
+
+
+def _split(params: Any, trainable: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Flat {path: leaf} dicts of the trainable and the other params."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  mask = traverse_util.flatten_dict(trainable, sep="/")
+  return ({k: v for k, v in flat.items() if mask[k]},
+          {k: v for k, v in flat.items() if not mask[k]})
+
+
+def _merge(*parts: dict[str, Any]) -> Any:
+  return traverse_util.unflatten_dict({k: v for p in parts for k, v in p.items()}, sep="/")
+
+
+def value_and_grad(f: Callable, params: Any, trainable: Any, has_aux: bool = False) -> Any:
+  """jax.value_and_grad(f)(params) taken w.r.t. the trainable params only; the others'
+  gradients are zeros (constants: nothing flows back into them, so XLA computes nothing)."""
+  if trainable is None:
+    return jax.value_and_grad(f, has_aux=has_aux)(params)
+  train, fixed = _split(params, trainable)
+  value, g = jax.value_and_grad(lambda t: f(_merge(t, fixed)), has_aux=has_aux)(train)
+  return value, _merge(g, {k: jnp.zeros_like(v) for k, v in fixed.items()})
+
+
+def teacher_logits(opts: StepOptions, teacher_params: Any, batch: dict[str, jax.Array],
+                   mesh: Mesh) -> jax.Array | None:
+  """[B, B] logits of the distillation teacher (its own learned scale), or None."""
+  if opts.distill_source == "teacher":
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      zimg, ztxt, out = opts.teacher.apply({"params": teacher_params}, batch["image"],
+                                           batch["text"])
+    return jax.lax.stop_gradient(losses.pair_logits(zimg, ztxt, out["scale"]))
+  if opts.distill_source == "data":
+    scale = jnp.mean(batch["teacher_scale"].astype(jnp.float32))
+    return losses.pair_logits(batch["teacher_zimg"], batch["teacher_ztxt"], scale)
+  return None
+
+
 def make_grad_fn(model: nn.Module, loss_name: str, mesh: Mesh, loss_impl: str = "global",
-                 accum_steps: int = 1) -> Callable:
-  """fn(params, batch, dropout_rng) -> (loss, grads, (zimg, ztxt, scalars)), to run in jit.
+                 accum_steps: int = 1, options: StepOptions = StepOptions()) -> Callable:
+  """fn(params, batch, rng, teacher_params) -> (loss, grads, (zimg, ztxt, scalars, stats)),
+  to run in jit. `stats` are extra metrics (logit means, loss terms).
+
+  The objective is the contrastive loss on pooled embeddings (or FILIP's token-wise one),
+  plus `distill_weight` times the distillation KL when a teacher is configured.
 
   With accum_steps = k > 1 the batch is processed as k micro-batches whose gradient is the
   full-batch gradient, not an average of k small-batch gradients (a contrastive loss couples
@@ -120,27 +173,55 @@ def make_grad_fn(model: nn.Module, loss_name: str, mesh: Mesh, loss_impl: str = 
   sees the whole batch (use loss_impl='sharded' to keep its memory flat too).
   """
   contrastive = _contrastive(loss_name, loss_impl, mesh)
+  opts = options
+  filip = opts.similarity == "filip"
+  phase = opts.phase
 
   def embed(params, batch, rng):
     # The mesh in context lets the towers pin activations to the batch axes
     # (models.common.constrain).
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return model.apply({"params": params}, batch["image"], batch["text"], train=True,
-                         rngs={"dropout": rng})
+                         locked=phase.locked, image_mask=phase.image_mask,
+                         text_mask=phase.text_mask, token_outputs=filip,
+                         rngs={"dropout": rng, "mask": jax.random.fold_in(rng, 1)})
 
-  def full_batch(params, batch, rng):
+  def objective(zimg, ztxt, out, t_logits):
+    scale, bias = out["scale"], out["bias"]
+    if filip:
+      from big_vlp import losses_filip  # pylint: disable=import-outside-toplevel
+      args = (loss_name, out["img_tokens"], out["txt_tokens"], out["txt_mask"], scale, bias)
+      loss, stats = (losses_filip.filip_loss_sharded(*args, mesh, sharding.BATCH_AXES)
+                     if loss_impl == "sharded" else losses_filip.filip_loss(*args))
+      stats = dict(stats)
+    else:
+      loss = contrastive(zimg, ztxt, scale, bias)
+      stats = losses.logit_stats(zimg, ztxt, scale, bias)
+    if t_logits is not None:
+      kl = losses.distillation_loss(losses.pair_logits(zimg, ztxt, scale), t_logits)
+      stats.update(contrastive_loss=loss, distill_loss=kl)
+      loss = loss + opts.distill_weight * kl
+    return loss, stats
+
+  def full_batch(params, batch, rng, teacher_params=None):
+    t_logits = teacher_logits(opts, teacher_params, batch, mesh)
+
     def loss_fn(p):
       zimg, ztxt, out = embed(p, batch, rng)
-      return contrastive(zimg, ztxt, out["scale"], out["bias"]), (zimg, ztxt, out)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      loss, stats = objective(zimg, ztxt, out, t_logits)
+      return loss, (zimg, ztxt, out, stats)
+    (loss, aux), grads = value_and_grad(loss_fn, params, opts.trainable, has_aux=True)
     return loss, grads, aux
 
   if accum_steps == 1:
     return full_batch
+  if filip or opts.distill_source != "none":
+    raise ValueError("accum_steps > 1 covers the pooled contrastive loss only")
   k = accum_steps
   micro_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
 
-  def accumulated(params, batch, rng):
+  def accumulated(params, batch, rng, teacher_params=None):
+    del teacher_params
     # Micro-batch j holds rows j, j + k, j + 2k, ...: every device keeps its own rows, and
     # putting micro-batches back with swapaxes restores the original row order.
     micro = {key: jax.lax.with_sharding_constraint(
@@ -165,7 +246,7 @@ def make_grad_fn(model: nn.Module, loss_name: str, mesh: Mesh, loss_impl: str = 
     def scalar_loss(p):
       out = scalars(p)
       return contrastive(whole(zimg_c), whole(ztxt_c), out["scale"], out["bias"])
-    loss, grads = jax.value_and_grad(scalar_loss)(params)
+    loss, grads = value_and_grad(scalar_loss, params, opts.trainable)
     out = scalars(params)
     scale, bias = jax.lax.stop_gradient(out["scale"]), jax.lax.stop_gradient(out["bias"])
 
@@ -176,10 +257,11 @@ def make_grad_fn(model: nn.Module, loss_name: str, mesh: Mesh, loss_impl: str = 
         zi = jax.lax.dynamic_update_index_in_dim(zimg_c, zimg, j, 0)
         zt = jax.lax.dynamic_update_index_in_dim(ztxt_c, ztxt, j, 0)
         return contrastive(whole(zi), whole(zt), scale, bias)
-      g = jax.grad(loss_fn)(params)
+      _, g = value_and_grad(loss_fn, params, opts.trainable)
       return jax.tree.map(jnp.add, acc, g), None
     grads, _ = jax.lax.scan(micro_grad, grads, (jnp.arange(k), micro, rngs))
-    return loss, grads, (whole(zimg_c), whole(ztxt_c), out)
+    zimg, ztxt = whole(zimg_c), whole(ztxt_c)
+    return loss, grads, (zimg, ztxt, out, losses.logit_stats(zimg, ztxt, scale, bias))
 
   return accumulated
 
@@ -187,19 +269,26 @@ def make_grad_fn(model: nn.Module, loss_name: str, mesh: Mesh, loss_impl: str = 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_name: str,
                     schedule: Callable, shardings: State, mesh: Mesh,
                     batch_keys: tuple[str, ...] = ("image", "text"),
-                    loss_impl: str = "global", accum_steps: int = 1) -> Callable:
+                    loss_impl: str = "global", accum_steps: int = 1,
+                    options: StepOptions = StepOptions(),
+                    teacher_params: Any = None) -> Callable:
   """One jitted step: forward both towers, loss, gradients, optimizer update, metrics.
 
   `loss_impl` 'global' writes the loss over the whole batch and lets XLA partition it;
   'sharded' computes it per device with shard_map (ring SigLIP and ring CLIP,
   `big_vlp.losses_sharded`): b x b logits blocks per device, flat as the device count grows.
   `accum_steps` > 1 computes the exact full-batch gradient in micro-batches (make_grad_fn).
+  `options` carries the recipe switches (locking, masking, FILIP, distillation); a teacher
+  run's params (`teacher_params`, replicated) are an argument of the compiled step, not a
+  constant baked into it.
   """
-  grad_fn = make_grad_fn(model, loss_name, mesh, loss_impl, accum_steps)
+  grad_fn = make_grad_fn(model, loss_name, mesh, loss_impl, accum_steps, options)
 
-  def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+  def step(state: State, batch: dict[str, jax.Array], teacher: Any
+           ) -> tuple[State, dict[str, jax.Array]]:
     rng, dropout_rng = jax.random.split(state["rng"])
-    loss, grads, (zimg, ztxt, out) = grad_fn(state["params"], batch, dropout_rng)
+    loss, grads, (zimg, ztxt, out, stats) = grad_fn(state["params"], batch, dropout_rng,
+                                                    teacher)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # A non-finite loss or gradient (any NaN / inf makes the norm non-finite) must not reach
@@ -224,15 +313,38 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_nam
         "grad_norm": grad_norm,
         "nonfinite_steps": nonfinite["count"],
         "param_norm": optax.tree.norm(params),
-        **losses.logit_stats(zimg, ztxt, out["scale"], bias),
+        **stats,
     }
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                  "rng": rng, "nonfinite": nonfinite}
     return new_state, metrics
 
   data_sh = sharding.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(shardings, {k: data_sh for k in batch_keys}),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  rep = sharding.replicated(mesh)
+  teacher_sh = None if teacher_params is None else jax.tree.map(lambda _: rep, teacher_params)
+  jitted = jax.jit(step, in_shardings=(shardings, {k: data_sh for k in batch_keys},
+                                       teacher_sh),
+                   out_shardings=(shardings, rep), donate_argnums=(0,))
+  return _BoundStep(jitted, teacher_params)
+
+
+class _BoundStep:
+  """The jitted step with the teacher's params bound: called (and lowered) as fn(state, batch)."""
+
+  def __init__(self, jitted: Callable, teacher_params: Any):
+    self._jitted, self._teacher = jitted, teacher_params
+
+  def __call__(self, state: State, batch: dict[str, jax.Array]) -> Any:
+    return self._jitted(state, batch, self._teacher)
+
+  def lower(self, state: Any, batch: Any) -> Any:
+    """jax.jit's lower(), for compiling ahead (benchmark, plan)."""
+    return self._jitted.lower(state, batch, self._teacher)
+
+  def compile(self, state: Any, batch: Any) -> None:
+    """Compiles for these arguments now; later calls run the compiled executable."""
+    compiled = self.lower(state, batch).compile()
+    self._jitted = lambda *args: compiled(*args)
 
 
 def global_batch(local: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:

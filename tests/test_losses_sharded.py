@@ -173,7 +173,7 @@ def test_ring_backward_weights_each_devices_part_by_its_own_cotangent():
 
   def global_parts(x, y, s, bias=None):
     rows = len(x) // n
-    logits = losses._logits(x, y, s)
+    logits = losses.pair_logits(x, y, s)
     if bias is None:  # CLIP: each device's image rows and its text columns.
       per_row = jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits)
       per_col = jax.nn.logsumexp(logits, axis=0) - jnp.diagonal(logits)

@@ -47,7 +47,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from big_vlp import config_validation, sharding, train_step
-from big_vlp.run_setup import image_size_of, make_run_spec, vocab_size_of
+from big_vlp.run_setup import PhasedSteps, image_size_of, make_run_spec, vocab_size_of
 
 GIB = 2 ** 30
 def _bytes_per_device(tree, shardings) -> int:
@@ -68,9 +68,7 @@ def plan(config, num_devices: int, hbm_gib: float, image_size: int | None = None
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, res, res, 3), np.float32),
            "text": jax.ShapeDtypeStruct((config.batch_size, text_len), np.int32)}
   spec = make_run_spec(config, mesh, vocab, batch)
-  step = train_step.make_train_step(
-      spec.model, spec.tx, config.loss, spec.schedule, spec.shardings, mesh, tuple(batch),
-      loss_impl=config.get("loss_impl", "global"), accum_steps=config.get("accum_steps", 1))
+  step = PhasedSteps(config, spec, mesh, tuple(batch)).for_step(1)
   data_sh = sharding.batch_sharding(mesh)
   batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh)
                for k, v in batch.items()}
