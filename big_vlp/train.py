@@ -85,7 +85,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   writer = MetricWriter(workdir, is_main=is_main)
   writer.truncate_after(start_step)
   evaluators = build_evaluators(config, model, tokenizer, mesh)
-  speed = _speed_model(config, batch_shapes, is_main)
+  speed = _speed_model(config, batch_shapes, is_main, start_step + 1)
   meta_base = {"image_shape": list(batch_shapes["image"].shape[1:]),
                "text_len": int(batch_shapes["text"].shape[1]),
                "vocab_size": int(tokenizer.vocab_size), "loss": config.loss,
@@ -93,7 +93,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
 
   # ---- loop --------------------------------------------------------------------------
   run = _Run(config, steps, batches, ckpt, writer, evaluators, meta_base, mesh, speed,
-             started)
+             batch_shapes, started)
   with preemption.StopRequests() as stop_requests:
     return _loop(run, state, first, start_step, stop_at, stop_requests)
 
@@ -113,6 +113,7 @@ class _Run(NamedTuple):
   meta_base: dict[str, Any]
   mesh: Any
   speed: "_SpeedModel"
+  batch_shapes: dict[str, Any]
   started: float  # perf_counter() when train() was entered.
 
 
@@ -135,13 +136,16 @@ class _SpeedModel(NamedTuple):
             "input_wait_fraction": min(wait_s / window_s, 1.0) if window_s > 0 else 0.0}
 
 
-def _speed_model(config: Any, batch_shapes: dict[str, Any], is_main: bool) -> _SpeedModel:
-  """Counts the model FLOPs of a step and finds the peak they are measured against."""
+def _speed_model(config: Any, batch_shapes: dict[str, Any], is_main: bool, step: int,
+                 peak: tuple[float, str] | None = None) -> _SpeedModel:
+  """Counts the model FLOPs of training step `step` (its recipe phase: masked tokens,
+  locked towers) and finds the peak they are measured against (or takes `peak`)."""
   count = flops.two_tower_flops(config.model, batch_shapes["image"].shape[1:],
                                 batch_shapes["text"].shape[1], config.batch_size,
-                                recipes.phase_at(config, 1),
+                                recipes.phase_at(config, step),
                                 config.get("similarity", "pooled"))
-  peak, source = perf.peak_flops(perf.compute_dtype(config.model), config.get("peak_flops"))
+  peak, source = peak or perf.peak_flops(perf.compute_dtype(config.model),
+                                         config.get("peak_flops"))
   if is_main:
     print(f"model FLOPs per step {count.train_per_step / 1e9:,.1f} G "
           f"({count.train_per_example / 1e9:,.3f} G per example, forward + backward); "
@@ -225,6 +229,8 @@ def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | Non
       t0 = time.perf_counter()  # A new recipe phase (unlock, unmasked tuning): compile it.
       step_fn.compile(state, train_step.global_batch(local, mesh))
       progress.exclude(time.perf_counter() - t0)
+      run = run._replace(speed=_speed_model(  # MFU counts the new phase's FLOPs.
+          config, run.batch_shapes, is_main, step, (run.speed.peak, run.speed.peak_source)))
       if is_main:
         print(f"step {step}: recipe phase {steps.phase(step)} (compiled in "
               f"{time.perf_counter() - t0:.1f}s)", flush=True)

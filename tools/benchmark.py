@@ -53,7 +53,8 @@ if __name__ == "__main__":  # The trainer's allocator settings (big_vlp.hugepage
 import jax
 import numpy as np
 
-from big_vlp import flops, perf, recipes, sharding, train_step
+from big_vlp import config_validation, flops, perf, recipes, sharding, train_step
+from big_vlp.config_errors import ConfigError
 from big_vlp.models import common
 from big_vlp.run_setup import PhasedSteps, image_size_of, make_run_spec, vocab_size_of
 
@@ -155,6 +156,10 @@ def parse_sweep(arg: str) -> tuple[str, list[str]]:
 def step_flops(config: Any, res: int, text_len: int) -> flops.StepFlops:
   """Model FLOPs of the step the benchmark times: training step 1's phase (FLIP masking
   drops tokens, a locked tower has no backward pass) and the config's similarity."""
+  try:  # The trainer's start-up checks: a bad --set / --sweep value names its field.
+    config_validation.validate_config(config, jax.device_count())
+  except ConfigError as e:
+    raise SystemExit(f"config error: {e}") from None
   return flops.two_tower_flops(config.model, (res, res, 3), text_len, config.batch_size,
                                recipes.phase_at(config, 1), config.get("similarity", "pooled"))
 
