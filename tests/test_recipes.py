@@ -298,3 +298,22 @@ def test_lit_init_from_a_mismatched_run_names_the_path(tmp_path, shapes_dir, bas
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert proc.returncode != 0
   assert "img/" in proc.stderr and "init" in proc.stderr
+
+
+# ---- FILIP in the step --------------------------------------------------------------------
+
+def test_filip_step_sharded_equals_global():
+  config = tiny_config(similarity="filip")
+  mesh, spec, state, _ = setup(config)
+  assert mesh.size == 8
+  batch = train_step.global_batch(make_batch(1), mesh)
+  opts = train_step.StepOptions(similarity="filip")
+  rng = jax.random.PRNGKey(0)
+  out = [jax.jit(train_step.make_grad_fn(spec.model, "sigmoid", mesh, impl, options=opts))(
+      state["params"], batch, rng) for impl in ("global", "sharded")]
+  (la, ga, (_, _, _, sa)), (lb, gb, (_, _, _, sb)) = out
+  np.testing.assert_allclose(lb, la, rtol=1e-5)
+  np.testing.assert_allclose(sb["pos_logit"], sa["pos_logit"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
+  assert any(np.any(g) for g in jax.tree.leaves(ga["img"]))
