@@ -197,6 +197,16 @@ def _keys_arg(op: str, keys: tuple) -> tuple[str, ...]:
   return keys
 
 
+def _area_arg(op: str, name: str, area: Any) -> tuple[float, float]:
+  """An (area_min, area_max) pair of percentages with 0 < area_min <= area_max <= 100."""
+  if (isinstance(area, (list, tuple)) and len(area) == 2
+      and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in area)
+      and 0 < area[0] <= area[1] <= 100):
+    return float(area[0]), float(area[1])
+  raise OpArgError(f"op {op!r}: {name} must be (area_min, area_max) percentages with "
+                   f"0 < area_min <= area_max <= 100, got {area!r}")
+
+
 def _resize_like_input(image: tf.Tensor, size, method: str) -> tf.Tensor:
   """Resizes and returns the input's dtype (rounded for integer images)."""
   out = tf.image.resize(image, size, method=method)
@@ -288,6 +298,18 @@ def random_crop(size, key: str = "image") -> ExampleFn:
   return fn
 
 
+def _distorted_crop(image: tf.Tensor, seed: tf.Tensor, area_min: float,
+                    area_max: float) -> tf.Tensor:
+  """An Inception-style window: area_min..area_max % of the image, aspect ratio 3/4..4/3."""
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seed,
+      area_range=(area_min / 100, area_max / 100), aspect_ratio_range=(3 / 4, 4 / 3),
+      use_image_if_no_bounding_boxes=True)
+  crop = tf.slice(image, begin, crop_size)
+  crop.set_shape([None, None, image.shape[-1]])
+  return crop
+
+
 @register("inception_crop")
 def inception_crop(size=None, area_min: float = 5, area_max: float = 100, key: str = "image",
                    method: str = "bilinear") -> ExampleFn:
@@ -300,12 +322,7 @@ def inception_crop(size=None, area_min: float = 5, area_max: float = 100, key: s
 
   def fn(example):
     image = example[key]
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=op_seed(example, "inception_crop"),
-        area_range=(area_min / 100, area_max / 100), aspect_ratio_range=(3 / 4, 4 / 3),
-        use_image_if_no_bounding_boxes=True)
-    crop = tf.slice(image, begin, crop_size)
-    crop.set_shape([None, None, image.shape[-1]])
+    crop = _distorted_crop(image, op_seed(example, "inception_crop"), area_min, area_max)
     if out_size is not None:
       crop = _resize_like_input(crop, out_size, method)
     return {**example, key: crop}
@@ -319,6 +336,61 @@ def flip_lr(key: str = "image") -> ExampleFn:
     flipped = tf.image.stateless_random_flip_left_right(
         example[key], seed=op_seed(example, "flip_lr"))
     return {**example, key: flipped}
+  return fn
+
+
+@register("multi_crop")
+def multi_crop(global_size=224, local_size=96, global_crops: int = 2, local_crops: int = 8,
+               global_area=(40, 100), local_area=(5, 40), key: str = "image",
+               flip: bool = True, keep_image: bool = False,
+               method: str = "bilinear") -> ExampleFn:
+  """DINO / SILC multi-crop: `{key}_global` [G, gh, gw, C] and `{key}_local` [L, lh, lw, C].
+
+  Every crop is an independent inception_crop (area in % of the image, aspect ratio
+  3/4..4/3) resized to its size, then mirrored left-right with probability 1/2 if `flip`.
+  Defaults are SILC's (2 global crops of 40-100% at 224, 8 local crops of 5-40% at 96).
+  Put it where inception_crop would go: it keeps the input dtype (uint8 in, uint8 out), so
+  value_range / normalize follow, once per output key (`value_range(-1, 1, key='image_global')`).
+  Unless `keep_image`, `example[key]` becomes global crop 0, the view the contrastive loss
+  sees; with it, `example[key]` is left as it was.
+  """
+  global_hw = _size_arg("multi_crop", global_size)
+  local_hw = _size_arg("multi_crop", local_size)
+  num_global = _positive_int_arg("multi_crop", "global_crops", global_crops)
+  if not (isinstance(local_crops, int) and not isinstance(local_crops, bool)
+          and local_crops >= 0):
+    raise OpArgError(f"op 'multi_crop': local_crops must be an int >= 0, got {local_crops!r}")
+  global_area = _area_arg("multi_crop", "global_area", global_area)
+  local_area = _area_arg("multi_crop", "local_area", local_area)
+  method = _method_arg("multi_crop", method)
+  _keys_arg("multi_crop", (key,))
+  views = [(global_hw, global_area)] * num_global + [(local_hw, local_area)] * local_crops
+
+  def crop_view(image, size, area, box_seed, flip_seed):
+    crop = _resize_like_input(_distorted_crop(image, box_seed, *area), size, method)
+    if flip:
+      crop = tf.image.stateless_random_flip_left_right(crop, seed=flip_seed)
+    return crop
+
+  def fn(example):
+    image = example[key]
+    if image.shape.rank is not None and image.shape.rank != 3:
+      raise ValueError(f"op 'multi_crop' needs an image [H, W, C] in example[{key!r}], got "
+                       f"shape {image.shape}")
+    # Two seeds per crop (window, flip), all drawn from the op's seed: the crops of one
+    # example are independent of each other and repeat exactly for the same seed.
+    seeds = tf.random.experimental.stateless_split(op_seed(example, "multi_crop"),
+                                                   2 * len(views))
+    crops = [crop_view(image, size, area, seeds[2 * i], seeds[2 * i + 1])
+             for i, (size, area) in enumerate(views)]
+    out = {**example, f"{key}_global": tf.stack(crops[:num_global])}
+    if local_crops:
+      out[f"{key}_local"] = tf.stack(crops[num_global:])
+    else:
+      out[f"{key}_local"] = tf.zeros([0, *local_hw, tf.shape(image)[-1]], image.dtype)
+    if not keep_image:
+      out[key] = crops[0]
+    return out
   return fn
 
 
