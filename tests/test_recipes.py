@@ -317,3 +317,27 @@ def test_filip_step_sharded_equals_global():
   for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
   assert any(np.any(g) for g in jax.tree.leaves(ga["img"]))
+
+
+def test_distillation_from_stored_embeddings_trains_through_the_cli(tmp_path, shapes_dir,  # noqa: F811
+                                                                    base_run):
+  base, _ = base_run
+  out_dir = str(tmp_path / "tfds")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             BIG_VLP_HUGEPAGES="0")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tools", "teacher_embeddings.py"), "--teacher", base,
+       "--data", SMALL, "--data_dir", shapes_dir, "--splits", "train,val",
+       "--out_name", "shapes_teacher", "--out_dir", out_dir],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  arg = (os.path.join(ROOT, "configs", "distill_demo.py") + ":runlocal,source=data,steps=4,"
+         f"batch=16,data=shapes_teacher,data_dir={out_dir},eval_data={SMALL},"
+         f"eval_data_dir={shapes_dir},tokenizer=bytes")
+  events, _ = _train_cli(arg, str(tmp_path / "wd"))
+  train_events = [e for e in events if "train/loss" in e]
+  assert train_events[-1]["step"] == 4
+  # The stored teacher's similarities differ from the fresh student's: a positive KL.
+  assert all(e["train/distill_loss"] > 0 for e in train_events)
+  final = {k: v for e in events for k, v in e.items()}
+  assert 0 <= final["retrieval/i2t_r1"] <= 1
