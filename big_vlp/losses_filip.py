@@ -26,7 +26,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from big_vlp import sharding
 from big_vlp.config_errors import check_choice
 # The ring machinery is shared with the pooled ring losses.
-from big_vlp.losses_sharded import _num_shards, _ring_walk, _varying
+from big_vlp.losses_sharded import _ring_walk, _split_count, _varying
 
 Stats = dict[str, jax.Array]
 # Own list, not losses.LOSSES: a loss added there has no FILIP form until written here.
@@ -164,14 +164,8 @@ def filip_loss_sharded(name: str, img_tok: jax.Array, txt_tok: jax.Array,
   _check_name(name)
   _check_inputs(img_tok, txt_tok, txt_mask)
   axes = tuple(axes)
-  unknown = [a for a in axes if a not in mesh.shape]
-  if unknown:
-    raise ValueError(f"axes {unknown} are not axes of the mesh {dict(mesh.shape)}")
-  n = _num_shards(mesh, axes)
   batch = img_tok.shape[0]
-  if batch % n:
-    raise ValueError(f"batch size {batch} is not divisible by the device count {n} over "
-                     f"mesh axes {axes}")
+  n = _split_count(batch, mesh, axes)
   rows_fn = _filip_rows(axes, n)
 
   def local(x, y, m, s, bias_):

@@ -42,20 +42,24 @@ def _num_shards(mesh: Mesh, axes: Sequence[str]) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
+def _split_count(batch: int, mesh: Mesh, axes: Sequence[str]) -> int:
+  """The device count n along `axes` (mesh axes that must divide `batch`)."""
+  unknown = [a for a in axes if a not in mesh.shape]
+  if unknown:
+    raise ValueError(f"axes {unknown} are not axes of the mesh {dict(mesh.shape)}")
+  n = _num_shards(mesh, axes)
+  if batch % n:
+    raise ValueError(f"batch size {batch} is not divisible by the device count {n} over "
+                     f"mesh axes {tuple(axes)}")
+  return n
+
+
 def _check_batch(zimg: jax.Array, ztxt: jax.Array, mesh: Mesh, axes: Sequence[str]) -> int:
   """Validates the [B, D] inputs and returns the device count n along `axes`."""
   if zimg.ndim != 2 or zimg.shape != ztxt.shape:
     raise ValueError(f"zimg and ztxt must both be [B, D] with the same shape; got "
                      f"{tuple(zimg.shape)} and {tuple(ztxt.shape)}")
-  unknown = [a for a in axes if a not in mesh.shape]
-  if unknown:
-    raise ValueError(f"axes {unknown} are not axes of the mesh {dict(mesh.shape)}")
-  n = _num_shards(mesh, axes)
-  batch = zimg.shape[0]
-  if batch % n:
-    raise ValueError(f"batch size {batch} is not divisible by the device count {n} over "
-                     f"mesh axes {tuple(axes)}")
-  return n
+  return _split_count(zimg.shape[0], mesh, axes)
 
 
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
