@@ -24,7 +24,7 @@ def _init_params(model: nn.Module, rng: jax.Array,
                  batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Any:
   image, text = batch_shapes["image"], batch_shapes["text"]
   return model.init(rng, jnp.zeros(image.shape, image.dtype),
-                    jnp.zeros(text.shape, text.dtype))["params"]
+                    jnp.zeros(text.shape, text.dtype), method="init_all")["params"]
 
 
 def abstract_params(model: nn.Module, batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Any:

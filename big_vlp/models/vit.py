@@ -3,6 +3,7 @@
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,6 +25,21 @@ def _patch_tuple(patch_size: Any) -> tuple[int, int]:
     fail(f"{PREFIX}.patch_size", patch_size,
          "must be a positive int or a pair of them; or set a variant like 'B/16'")
   return int(patch_size[0]), int(patch_size[1])
+
+
+def _resize_posemb(pos: jnp.ndarray, gh: int, gw: int) -> jnp.ndarray:
+  """A learned [1, n, W] position embedding on a square grid, bilinearly resized to a
+  gh x gw grid when the image has another size than at init (e.g. SILC / DINO local crops
+  through the same tower); unchanged when the grid matches."""
+  n, width = pos.shape[1], pos.shape[2]
+  if n == gh * gw:
+    return pos
+  side = int(round(n ** 0.5))
+  if side * side != n:
+    fail(f"{PREFIX}.posemb", "learn", f"the learned embedding has {n} positions, not a square "
+         f"grid, so it cannot be resized to the {gh}x{gw} patches of this input")
+  grid = pos.reshape(1, side, side, width)
+  return jax.image.resize(grid, (1, gh, gw, width), "bilinear").reshape(1, gh * gw, width)
 
 
 class ViT(nn.Module):
@@ -79,8 +95,11 @@ class ViT(nn.Module):
     x = x.reshape(b, gh * gw, width)
 
     if self.posemb == "learn":
-      pos = self.param("pos_embedding", nn.initializers.normal(stddev=width ** -0.5),
-                       (1, gh * gw, width), jnp.float32)
+      if self.has_variable("params", "pos_embedding"):  # Its grid is the init image's.
+        pos = _resize_posemb(self.get_variable("params", "pos_embedding"), gh, gw)
+      else:
+        pos = self.param("pos_embedding", nn.initializers.normal(stddev=width ** -0.5),
+                         (1, gh * gw, width), jnp.float32)
     else:
       if width % 4:
         fail(f"{PREFIX}.width", width, "posemb='sincos2d' needs a width divisible by 4")
