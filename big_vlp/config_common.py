@@ -56,6 +56,26 @@ def standard_evals(*, res: int, text_len: int, zeroshot_data: str, zeroshot_spli
   return evals
 
 
+def captioning_eval(*, data: str, split: str, data_dir: str | None, res: int, every: int,
+                    batch_size: int = 256, text_key: str = "caption"
+                    ) -> ml_collections.ConfigDict:
+  """The 'captioning' evaluator: greedy captions of a held-out split scored against its
+  reference captions (exact match, BLEU-4, CIDEr)."""
+  return ml_collections.ConfigDict({
+      "type": "captioning", "data": data, "split": split, "data_dir": opt_str(data_dir),
+      "pp": img_pp(res) + f"|keep('image',{text_key!r})", "caption_key": text_key,
+      "decode": "greedy", "every": every, "batch_size": batch_size})
+
+
+def decoder_config(width: int, depth: int, num_heads: int, max_len: int,
+                   dtype: str = "float32") -> ml_collections.ConfigDict:
+  """`config.model.decoder`: a captioning decoder (pad_id 0 = the tokenizers' padding,
+  which is also its BOS)."""
+  return ml_collections.ConfigDict({
+      "width": width, "depth": depth, "mlp_dim": 4 * width, "num_heads": num_heads,
+      "max_len": max_len, "pad_id": 0, "dtype": dtype, "dropout": 0.0, "remat": "none"})
+
+
 def data_config(data: str, *, data_dir: str | None, text_key: str, pp: str,
                 shuffle_buffer: int, split: str = "train") -> ml_collections.ConfigDict:
   """`config.data` for one dataset or a mixture written `NAME[:WEIGHT]+NAME[:WEIGHT]...`.

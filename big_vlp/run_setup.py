@@ -187,8 +187,29 @@ def init_from_checkpoint(config: Any, params: Any, is_main: bool) -> Any:
   return merged
 
 
+def decoder_pad_id(config: Any) -> int:
+  """The captioning decoder's padding (= BOS) id, config.model.decoder.pad_id (default 0)."""
+  dec = config.model.get("decoder")
+  return 0 if dec is None else int(dec.get("pad_id", 0))
+
+
+def check_decoder(config: Any, tokenizer: Any) -> None:
+  """Refuses a decoder whose padding id is not the tokenizer's (it would learn padding)."""
+  if recipes.caption_on(config) and decoder_pad_id(config) != tokenizer.pad_id:
+    raise ConfigError(
+        f"config.model.decoder.pad_id={decoder_pad_id(config)} but the tokenizer "
+        f"{config.tokenizer!r} pads with {tokenizer.pad_id}; set "
+        f"config.model.decoder.pad_id={tokenizer.pad_id}")
+
+
 def check_batch_keys(config: Any, keys: Any) -> None:
-  """Refuses an input whose batches lack what the recipe reads (stored teacher embeddings)."""
+  """Refuses an input whose batches lack what the recipe reads (stored teacher embeddings,
+  SILC's local crops)."""
+  if recipes.silc_on(config) and recipes.SILC_LOCAL not in keys:
+    raise ConfigError(
+        f"config.silc.weight={config.silc.weight} trains on local crops, but config.data.pp "
+        f"gives {', '.join(sorted(keys))} (no {recipes.SILC_LOCAL!r}); crop with "
+        "multi_crop(...) and keep 'image_local' (and 'image_global') in the pp")
   if recipes.setting(config, "distill", "source", "none") == "data":
     missing = [k for k in recipes.TEACHER_KEYS if k not in keys]
     if missing:
@@ -229,11 +250,16 @@ class PhasedSteps:
     if not phase.locked and "staged" in jax.tree.leaves(self.labels):
       tx, _ = make_optimizer(config, spec.abstract_state["params"], unlocked=True)
     distill = recipes.setting(config, "distill", "source", "none")
+    caption = recipes.caption_on(config)
     options = train_step.StepOptions(
         phase=phase, trainable=None if all_train else trainable,
         similarity=config.get("similarity", "pooled"), distill_source=distill,
         distill_weight=float(config.distill.weight) if distill != "none" else 0.0,
-        teacher=self.teacher.model if self.teacher else None)
+        teacher=self.teacher.model if self.teacher else None,
+        contrastive=recipes.contrastive_on(config),
+        caption_weight=float(config.caption.weight) if caption else 0.0,
+        parallel_prob=float(config.caption.parallel_prob) if caption else 0.0,
+        pad_id=decoder_pad_id(config), silc=train_step.silc_options(config))
     return train_step.make_train_step(
         spec.model, tx, config.loss, spec.schedule, spec.shardings, self.mesh, self.keys,
         loss_impl=config.get("loss_impl", "global"), accum_steps=config.get("accum_steps", 1),

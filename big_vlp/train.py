@@ -24,10 +24,10 @@ from big_vlp import (checkpoint, config_validation, distributed, flops, perf, pr
                      recipes, run_compat, sharding, train_step)
 from big_vlp.metric_writer import MetricWriter, Progress, format_duration
 from big_vlp.evaluators import build_evaluators
-from big_vlp.run_setup import (PhasedSteps, check_batch_keys, cli_workdir, eval_due,
-                               gather_stream_states, init_from_checkpoint, load_teacher,
-                               make_input, make_run_spec, make_tokenizer, resume_position,
-                               run_evaluators)
+from big_vlp.run_setup import (PhasedSteps, check_batch_keys, check_decoder, cli_workdir,
+                               eval_due, gather_stream_states, init_from_checkpoint,
+                               load_teacher, make_input, make_run_spec, make_tokenizer,
+                               resume_position, run_evaluators)
 
 
 def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, float]:
@@ -59,6 +59,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   batch_shapes = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype)
                   for k, v in first.items()}
   check_batch_keys(config, batch_shapes)
+  check_decoder(config, tokenizer)
   spec = make_run_spec(config, mesh, tokenizer.vocab_size, batch_shapes)
   model, abstract, shardings = spec.model, spec.abstract_state, spec.shardings
   if is_main:
@@ -79,6 +80,8 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   else:
     state = train_step.init_state(model, spec.tx, shardings, batch_shapes, config.seed)
     state["params"] = init_from_checkpoint(config, state["params"], is_main)  # LiT.
+    if "ema" in state:  # SILC: the teacher starts as the (initialised) student.
+      state["ema"] = train_step.ema_teacher(state["params"])
   run_compat.record_config(config, workdir, recorded, is_main=is_main)
   steps = PhasedSteps(config, spec, mesh, tuple(batch_shapes),
                       load_teacher(config, mesh, tokenizer, batch_shapes))

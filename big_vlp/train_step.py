@@ -1,8 +1,9 @@
 """Sharded train state creation and the jitted contrastive train step.
 
-The state is a dict {'params', 'opt_state', 'step', 'rng'} created directly with its
-final shardings (jit with out_shardings), so no device ever holds a full unsharded copy
-of parameters that the rules split.
+The state is a dict {'params', 'opt_state', 'step', 'rng', 'nonfinite'} (SILC adds 'ema', the
+EMA teacher's image tower and DINO head, and 'center', DINO's teacher-logit centre) created
+directly with its final shardings (jit with out_shardings), so no device ever holds a full
+unsharded copy of parameters that the rules split.
 """
 
 from typing import Any, Callable, NamedTuple
@@ -14,7 +15,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from big_vlp import losses, losses_sharded, recipes, sharding
+from big_vlp import ema as ema_lib
+from big_vlp import losses, losses_caption, losses_sharded, losses_silc, recipes, sharding
+from big_vlp.models.decoder import sample_parallel
 from big_vlp.tree_paths import leaf_paths, map_with_path
 
 State = dict[str, Any]
@@ -56,8 +59,12 @@ def state_shardings(abstract_state: State, rules: Any, mesh: Mesh,
     return rep
 
   opt_sh = map_with_path(opt_leaf, abstract_state["opt_state"])
-  return {"params": param_sh, "opt_state": opt_sh, "step": rep, "rng": rep,
-          "nonfinite": jax.tree.map(lambda _: rep, abstract_state["nonfinite"])}
+  out = {"params": param_sh, "opt_state": opt_sh, "step": rep, "rng": rep,
+         "nonfinite": jax.tree.map(lambda _: rep, abstract_state["nonfinite"])}
+  if "ema" in abstract_state:  # The EMA teacher is split exactly like the params it follows.
+    out["ema"] = {k: param_sh[k] for k in abstract_state["ema"]}
+    out["center"] = rep
+  return out
 
 
 def _no_nonfinite() -> dict[str, jax.Array]:
@@ -66,13 +73,26 @@ def _no_nonfinite() -> dict[str, jax.Array]:
           "last_loss": jnp.zeros((), jnp.float32), "last_grad_norm": jnp.zeros((), jnp.float32)}
 
 
+# Param sub-trees the SILC EMA teacher holds: the image tower and its DINO head.
+EMA_SUBTREES = ("img", "dino_head")
+
+
+def ema_teacher(params: Any) -> dict[str, Any]:
+  """The EMA teacher's part of a param tree (SILC), a copy to start from."""
+  return {k: jax.tree.map(jnp.copy, params[k]) for k in EMA_SUBTREES}
+
+
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation,
              batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Callable[[jax.Array], State]:
   def init(rng):
     init_rng, train_rng = jax.random.split(rng)
     params = _init_params(model, init_rng, batch_shapes)
-    return {"params": params, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": train_rng, "nonfinite": _no_nonfinite()}
+    state = {"params": params, "opt_state": tx.init(params),
+             "step": jnp.zeros((), jnp.int32), "rng": train_rng, "nonfinite": _no_nonfinite()}
+    if getattr(model, "dino", None) is not None:  # SILC: teacher starts as the student.
+      state["ema"] = ema_teacher(params)
+      state["center"] = jnp.zeros(params["dino_head"]["prototypes"].shape[-1:], jnp.float32)
+    return state
   return init
 
 
@@ -117,6 +137,58 @@ class StepOptions(NamedTuple):
   distill_source: str = "none"  # 'none', 'teacher' (run `teacher` in the step) or 'data'.
   distill_weight: float = 0.0
   teacher: nn.Module | None = None
+  contrastive: bool = True  # False: no text tower, captioning only (CapPa).
+  caption_weight: float = 0.0  # > 0: add the decoder's captioning loss (CoCa / CapPa).
+  parallel_prob: float = 0.0  # CapPa: fraction of rows trained by parallel prediction.
+  pad_id: int = 0  # Padding id of the captions (also the decoder's BOS).
+  silc: "SilcOptions | None" = None
+
+
+class SilcOptions(NamedTuple):
+  """SILC self-distillation settings (config.silc) of the step."""
+  weight: float
+  total_steps: int
+  student_temp: float = 0.1
+  teacher_temp: float = 0.04
+  teacher_temp_end: float = 0.07
+  teacher_temp_warmup_steps: int = 0
+  center_momentum: float = 0.9
+  ema_momentum: float = 0.996
+  ema_momentum_end: float = 0.996
+
+  def teacher_temp_at(self, step: jax.Array) -> jax.Array:
+    """The teacher temperature at (0-based) step `step`."""
+    return losses_silc.teacher_temperature(step, self.teacher_temp_warmup_steps,
+                                           self.teacher_temp, self.teacher_temp_end)
+
+  def momentum_at(self, step: jax.Array) -> jax.Array:
+    """The EMA momentum at (0-based) step `step`."""
+    return ema_lib.ema_momentum(step, self.total_steps, self.ema_momentum,
+                                self.ema_momentum_end)
+
+
+def silc_options(config: Any) -> SilcOptions | None:
+  """SilcOptions from config.silc, or None when SILC is off."""
+  if not recipes.silc_on(config):
+    return None
+  c = config.silc
+  return SilcOptions(
+      weight=float(c.weight), total_steps=int(config.total_steps),
+      student_temp=float(c.student_temp), teacher_temp=float(c.teacher_temp),
+      teacher_temp_end=float(c.teacher_temp_end),
+      teacher_temp_warmup_steps=int(c.teacher_temp_warmup_steps),
+      center_momentum=float(c.center_momentum), ema_momentum=float(c.ema_momentum),
+      ema_momentum_end=float(c.ema_momentum_end))
+
+
+def _views(x: jax.Array) -> tuple[jax.Array, int]:
+  """[B, V, H, W, C] crops -> ([B * V, H, W, C] example-major, V)."""
+  return x.reshape((-1,) + x.shape[2:]), x.shape[1]
+
+
+def _per_view(logits: jax.Array, views: int) -> jax.Array:
+  """[B * V, K] example-major -> [V, B, K], the layout of losses_silc.dino_loss."""
+  return jnp.swapaxes(logits.reshape((-1, views) + logits.shape[1:]), 0, 1)
 
 
 def _split(params: Any, trainable: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -157,11 +229,17 @@ def teacher_logits(opts: StepOptions, teacher_params: Any, batch: dict[str, jax.
 
 def make_grad_fn(model: nn.Module, loss_name: str, mesh: Mesh, loss_impl: str = "global",
                  accum_steps: int = 1, options: StepOptions = StepOptions()) -> Callable:
-  """fn(params, batch, rng, teacher_params) -> (loss, grads, (zimg, ztxt, scalars, stats)),
-  to run in jit. `stats` are extra metrics (logit means, loss terms).
+  """fn(params, batch, rng, teacher_params, silc_state) -> (loss, grads,
+  (zimg, ztxt, out, stats)), to run in jit. `stats` are extra metrics (logit means, loss
+  terms); with SILC, out['silc_teacher'] holds the EMA teacher's logits [G, B, K] (for the
+  centre update).
 
-  The objective is the contrastive loss on pooled embeddings (or FILIP's token-wise one),
-  plus `distill_weight` times the distillation KL when a teacher is configured.
+  The objective is the contrastive loss on pooled embeddings (or FILIP's token-wise one;
+  none without a text tower), plus `distill_weight` times the distillation KL when a
+  teacher is configured, plus `caption_weight` times the decoder's next-token
+  cross-entropy (CoCa / CapPa), plus the SILC weight times the DINO loss of the student's
+  local crops against the EMA teacher's global crops. `silc_state` is (ema params, centre,
+  step) from the train state.
 
   With accum_steps = k > 1 the batch is processed as k micro-batches whose gradient is the
   full-batch gradient, not an average of k small-batch gradients (a contrastive loss couples
@@ -176,19 +254,25 @@ def make_grad_fn(model: nn.Module, loss_name: str, mesh: Mesh, loss_impl: str = 
   opts = options
   filip = opts.similarity == "filip"
   phase = opts.phase
+  caption = opts.caption_weight > 0 or not opts.contrastive
 
-  def embed(params, batch, rng):
+  def apply(params, *args, **kwargs):
     # The mesh in context lets the towers pin activations to the batch axes
     # (models.common.constrain).
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return model.apply({"params": params}, batch["image"], batch["text"], train=True,
-                         locked=phase.locked, image_mask=phase.image_mask,
-                         text_mask=phase.text_mask, token_outputs=filip,
-                         rngs={"dropout": rng, "mask": jax.random.fold_in(rng, 1)})
+      return model.apply({"params": params}, *args, **kwargs)
+
+  def embed(params, batch, rng, parallel=None):
+    return apply(params, batch["image"], batch["text"], train=True,
+                 locked=phase.locked, image_mask=phase.image_mask,
+                 text_mask=phase.text_mask, token_outputs=filip, caption=caption,
+                 parallel=parallel, rngs={"dropout": rng, "mask": jax.random.fold_in(rng, 1)})
 
   def objective(zimg, ztxt, out, t_logits):
     scale, bias = out["scale"], out["bias"]
-    if filip:
+    if not opts.contrastive:
+      loss, stats = jnp.zeros((), jnp.float32), {}
+    elif filip:
       from big_vlp import losses_filip  # pylint: disable=import-outside-toplevel
       args = (loss_name, out["img_tokens"], out["txt_tokens"], out["txt_mask"], scale, bias)
       loss, stats = (losses_filip.filip_loss_sharded(*args, mesh, sharding.BATCH_AXES)
@@ -203,25 +287,68 @@ def make_grad_fn(model: nn.Module, loss_name: str, mesh: Mesh, loss_impl: str = 
       loss = loss + opts.distill_weight * kl
     return loss, stats
 
-  def full_batch(params, batch, rng, teacher_params=None):
+  def caption_term(batch, out):
+    cap, cap_stats = losses_caption.caption_loss(out.pop("caption_logits"), batch["text"],
+                                                 opts.pad_id)
+    weight = opts.caption_weight if opts.contrastive else 1.0
+    return weight * cap, {"caption_loss": cap, "caption_token_accuracy":
+                          cap_stats["token_accuracy"]}
+
+  def silc_teacher(params, batch, silc_state):
+    """The EMA teacher's DINO logits [G, B, K] on the global crops (no gradient)."""
+    ema, _, _ = silc_state
+    crops = batch.get(recipes.SILC_GLOBAL)
+    crops = batch["image"][:, None] if crops is None else crops
+    images, views = _views(crops)
+    teacher = {**jax.lax.stop_gradient(params), **ema}
+    return jax.lax.stop_gradient(_per_view(
+        apply(teacher, images, train=False, method="dino_logits"), views))
+
+  def silc_term(params, batch, rng, teacher, silc_state):
+    _, center, step = silc_state
+    images, views = _views(batch[recipes.SILC_LOCAL])
+    student = _per_view(apply(params, images, train=True, method="dino_logits",
+                              rngs={"dropout": jax.random.fold_in(rng, 3)}), views)
+    dino = losses_silc.dino_loss(student, teacher, center, opts.silc.student_temp,
+                                 opts.silc.teacher_temp_at(step), student_has_globals=False)
+    return opts.silc.weight * dino, {"silc_loss": dino}
+
+  def full_batch(params, batch, rng, teacher_params=None, silc_state=None):
     t_logits = teacher_logits(opts, teacher_params, batch, mesh)
+    parallel = None
+    if caption and opts.parallel_prob > 0:
+      parallel = sample_parallel(jax.random.fold_in(rng, 2), batch["text"].shape[0],
+                                 opts.parallel_prob)
+    silc_t = None if opts.silc is None else silc_teacher(params, batch, silc_state)
 
     def loss_fn(p):
-      zimg, ztxt, out = embed(p, batch, rng)
+      zimg, ztxt, out = embed(p, batch, rng, parallel)
       loss, stats = objective(zimg, ztxt, out, t_logits)
+      extra = []
+      if caption:
+        extra.append(caption_term(batch, out))
+      if silc_t is not None:
+        extra.append(silc_term(p, batch, rng, silc_t, silc_state))
+      if extra and opts.contrastive:
+        stats["contrastive_loss"] = loss
+      for term, term_stats in extra:
+        loss = loss + term
+        stats.update(term_stats)
+      if silc_t is not None:
+        out["silc_teacher"] = silc_t
       return loss, (zimg, ztxt, out, stats)
     (loss, aux), grads = value_and_grad(loss_fn, params, opts.trainable, has_aux=True)
     return loss, grads, aux
 
   if accum_steps == 1:
     return full_batch
-  if filip or opts.distill_source != "none":
+  if filip or opts.distill_source != "none" or caption or opts.silc is not None:
     raise ValueError("accum_steps > 1 covers the pooled contrastive loss only")
   k = accum_steps
   micro_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
 
-  def accumulated(params, batch, rng, teacher_params=None):
-    del teacher_params
+  def accumulated(params, batch, rng, teacher_params=None, silc_state=None):
+    del teacher_params, silc_state
     # Micro-batch j holds rows j, j + k, j + 2k, ...: every device keeps its own rows, and
     # putting micro-batches back with swapaxes restores the original row order.
     micro = {key: jax.lax.with_sharding_constraint(
@@ -283,12 +410,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_nam
   constant baked into it.
   """
   grad_fn = make_grad_fn(model, loss_name, mesh, loss_impl, accum_steps, options)
+  silc = options.silc
 
   def step(state: State, batch: dict[str, jax.Array], teacher: Any
            ) -> tuple[State, dict[str, jax.Array]]:
     rng, dropout_rng = jax.random.split(state["rng"])
+    silc_state = None
+    if silc is not None:
+      silc_state = (state["ema"], state["center"], state["step"])
     loss, grads, (zimg, ztxt, out, stats) = grad_fn(state["params"], batch, dropout_rng,
-                                                    teacher)
+                                                    teacher, silc_state)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # A non-finite loss or gradient (any NaN / inf makes the norm non-finite) must not reach
@@ -307,16 +438,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_nam
     metrics = {
         "loss": loss,
         "lr": schedule(state["step"]),
-        "scale": out["scale"],
-        "temperature": 1.0 / out["scale"],
-        "bias": bias if bias is not None else jnp.zeros((), jnp.float32),
         "grad_norm": grad_norm,
         "nonfinite_steps": nonfinite["count"],
         "param_norm": optax.tree.norm(params),
         **stats,
     }
+    if options.contrastive:  # A captioner (CapPa) has no use for the learned scalars.
+      metrics.update(scale=out["scale"], temperature=1.0 / out["scale"],
+                     bias=bias if bias is not None else jnp.zeros((), jnp.float32))
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                  "rng": rng, "nonfinite": nonfinite}
+    if silc is not None:  # The EMA teacher follows the updated student (not on skipped steps).
+      momentum = silc.momentum_at(state["step"])
+      new_state["ema"] = keep_old(ema_lib.ema_update(
+          state["ema"], {k: params[k] for k in state["ema"]}, momentum), state["ema"])
+      new_state["center"] = keep_old(losses_silc.update_center(
+          state["center"], out["silc_teacher"], silc.center_momentum), state["center"])
+      metrics.update(ema_momentum=momentum, silc_teacher_temp=silc.teacher_temp_at(state["step"]))
     return new_state, metrics
 
   data_sh = sharding.batch_sharding(mesh)
