@@ -65,8 +65,9 @@ def recipe_fields(config: ml_collections.ConfigDict) -> None:
       "head": {"num_prototypes": 65536, "hidden_dim": 2048, "bottleneck_dim": 256,
                "num_layers": 3},
       "student_temp": 0.1,
-      # Teacher temperature: linear from teacher_temp to teacher_temp_end over the warm-up.
-      "teacher_temp": 0.04, "teacher_temp_end": 0.07, "teacher_temp_warmup_steps": 0,
+      # Teacher temperature: linear from teacher_temp to teacher_temp_end over the warm-up
+      # steps, then teacher_temp_end (DINO: 0.04 -> 0.07 over its first 30 epochs).
+      "teacher_temp": 0.04, "teacher_temp_end": 0.04, "teacher_temp_warmup_steps": 0,
       "center_momentum": 0.9,
       # EMA teacher momentum, cosine from ema_momentum to ema_momentum_end (equal: fixed).
       "ema_momentum": 0.996, "ema_momentum_end": 0.996})

@@ -198,7 +198,7 @@ def check_decoder(config: Any, tokenizer: Any) -> None:
   if recipes.caption_on(config) and decoder_pad_id(config) != tokenizer.pad_id:
     raise ConfigError(
         f"config.model.decoder.pad_id={decoder_pad_id(config)} but the tokenizer "
-        f"{config.tokenizer!r} pads with {tokenizer.pad_id}; set "
+        f"{config.get('tokenizer')!r} pads with {tokenizer.pad_id}; set "
         f"config.model.decoder.pad_id={tokenizer.pad_id}")
 
 

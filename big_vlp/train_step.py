@@ -150,7 +150,7 @@ class SilcOptions(NamedTuple):
   total_steps: int
   student_temp: float = 0.1
   teacher_temp: float = 0.04
-  teacher_temp_end: float = 0.07
+  teacher_temp_end: float = 0.04
   teacher_temp_warmup_steps: int = 0
   center_momentum: float = 0.9
   ema_momentum: float = 0.996

@@ -40,5 +40,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.silc.head = {"num_prototypes": a.prototypes, "hidden_dim": 4 * width,
                  "bottleneck_dim": width // 2, "num_layers": 3}
   c.silc.ema_momentum = c.silc.ema_momentum_end = a.ema_momentum
+  c.silc.teacher_temp, c.silc.teacher_temp_end = 0.04, 0.07  # DINO's warm-up, 1/5 of the run.
   c.silc.teacher_temp_warmup_steps = c.total_steps // 5
   return c
