@@ -270,6 +270,36 @@ class PhasedSteps:
 _SIZE_OPS = r"(?:resize|central_crop|random_crop|inception_crop|resize_small)\((\d+)"
 
 
+def text_len_of(config: Any) -> int:
+  """Token length of the captions: the text tower's max_len (the decoder's for CapPa)."""
+  tower = config.model.get("text") or config.model.get("decoder")
+  return int(tower["max_len"])
+
+
+def recipe_batch_shapes(config: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Batch features beyond 'image' and 'text' that the recipe reads, as the config's pp makes
+  them (SILC's crops from its multi_crop op), for tools that build batches without running
+  the input pipeline (tools/benchmark.py, tools/plan.py)."""
+  if not recipes.silc_on(config):
+    return {}
+  import inspect  # pylint: disable=import-outside-toplevel
+  from big_vlp.data import ops  # pylint: disable=import-outside-toplevel
+  for name, args, kwargs in ops.parse_spec(config.data.pp, "data.pp"):
+    if name != "multi_crop":
+      continue
+    bound = inspect.signature(ops.multi_crop).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+
+    def crops(count: int, size: Any) -> jax.ShapeDtypeStruct:
+      hw = (size, size) if isinstance(size, int) else tuple(size)
+      return jax.ShapeDtypeStruct((batch_size, count, *hw, 3), np.float32)
+    return {recipes.SILC_GLOBAL: crops(a["global_crops"], a["global_size"]),
+            recipes.SILC_LOCAL: crops(a["local_crops"], a["local_size"])}
+  raise ConfigError(f"config.silc.weight={config.silc.weight} trains on local crops, but "
+                    "config.data.pp has no multi_crop(...) op to make them")
+
+
 def vocab_size_of(spec: str) -> int:
   """The vocabulary size a tokenizer spec gives, without training or reading data."""
   kind, _, arg = spec.partition(":")
