@@ -27,7 +27,7 @@ from big_vlp.evaluators import build_evaluators
 from big_vlp.run_setup import (PhasedSteps, check_batch_keys, check_decoder, cli_workdir,
                                eval_due, gather_stream_states, init_from_checkpoint,
                                load_teacher, make_input, make_run_spec, make_tokenizer,
-                               resume_position, run_evaluators)
+                               resume_position, run_evaluators, vocab_size_of)
 
 
 def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, float]:
@@ -142,11 +142,16 @@ class _SpeedModel(NamedTuple):
 def _speed_model(config: Any, batch_shapes: dict[str, Any], is_main: bool, step: int,
                  peak: tuple[float, str] | None = None) -> _SpeedModel:
   """Counts the model FLOPs of training step `step` (its recipe phase: masked tokens,
-  locked towers) and finds the peak they are measured against (or takes `peak`)."""
-  count = flops.two_tower_flops(config.model, batch_shapes["image"].shape[1:],
-                                batch_shapes["text"].shape[1], config.batch_size,
-                                recipes.phase_at(config, step),
-                                config.get("similarity", "pooled"))
+  locked towers; the captioning decoder, SILC's crops) and finds the peak they are measured
+  against (or takes `peak`)."""
+  crops = lambda key: batch_shapes[key].shape[1:] if key in batch_shapes else None
+  count = flops.two_tower_flops(
+      config.model, batch_shapes["image"].shape[1:], batch_shapes["text"].shape[1],
+      config.batch_size, recipes.phase_at(config, step), config.get("similarity", "pooled"),
+      vocab_size=vocab_size_of(config.tokenizer) if recipes.caption_on(config) else None,
+      silc=(dict(recipes.setting(config, "silc", "head", {}) or {})
+            if recipes.silc_on(config) else None),
+      local_shape=crops(recipes.SILC_LOCAL), global_shape=crops(recipes.SILC_GLOBAL))
   peak, source = peak or perf.peak_flops(perf.compute_dtype(config.model),
                                          config.get("peak_flops"))
   if is_main:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from big_vlp import flops, losses, perf
+from big_vlp import flops, losses, losses_caption, losses_silc, perf, recipes
 from big_vlp.models import common
 from big_vlp.models.two_towers import TwoTower
 
@@ -19,6 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def xla_flops(fn, *args):
   return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+
+def abstract_params(model, image, tokens):
+  """Shapes of every param (decoder, DINO head included): XLA's cost analysis needs no values."""
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image, tokens,
+                                           method="init_all"))["params"]
 
 
 def test_matmul_and_encoder_block_counts_match_xla():
@@ -61,6 +67,124 @@ def test_two_tower_forward_and_train_counts_match_xla(image_pool, text_pool, pat
   assert count.train_per_example == pytest.approx(
       3 * count.forward_per_example - count.patch_embed_fwd)
   assert count.loss_fwd == 2 * batch * 48
+
+
+def _caption_model(text: bool, image_pool: str, decoder_width: int, tie: bool):
+  """A small CoCa (text tower + decoder) or CapPa (decoder only) config and its TwoTower."""
+  width, vocab, length = 96, 64, 12
+  model_cfg = {
+      "image": {"width": width, "depth": 1, "mlp_dim": 4 * width, "num_heads": 4,
+                "patch_size": 8, "pool_type": image_pool},
+      "text": ({"width": width, "depth": 1, "mlp_dim": 4 * width, "num_heads": 4,
+                "vocab_size": vocab, "max_len": length} if text else None),
+      "embed_dim": 48 if text else None,
+      # vocab_size is left out, as in configs: the count takes it as an argument.
+      "decoder": {"width": decoder_width, "depth": 1, "mlp_dim": 4 * decoder_width,
+                  "num_heads": 4, "max_len": length, "tie_embedding": tie}}
+  model = TwoTower(model_cfg["image"], model_cfg["text"], embed_dim=model_cfg["embed_dim"],
+                   decoder={**model_cfg["decoder"], "vocab_size": vocab})
+  return model_cfg, model, vocab, length
+
+
+@pytest.mark.parametrize("text,image_pool,decoder_width,tie,locked,image_mask", [
+    (True, "map", 128, False, (), 0.0),  # CoCa; image_proj to the decoder's width.
+    (False, "map", 96, True, (), 0.0),  # CapPa: no text tower, no contrastive loss.
+    (True, "gap", 96, False, ("img",), 0.0),  # Locked image tower: no context gradient.
+    (True, "tok", 128, False, (), 0.5)])  # FLIP: the decoder attends the kept tokens.
+def test_caption_counts_match_xla(text, image_pool, decoder_width, tie, locked, image_mask):
+  model_cfg, model, vocab, length = _caption_model(text, image_pool, decoder_width, tie)
+  batch, res = 4, 32
+  image = jnp.zeros((batch, res, res, 3))
+  tokens = jnp.ones((batch, length), jnp.int32)
+  params = abstract_params(model, image, tokens)
+
+  def loss_fn(p):
+    zimg, ztxt, out = model.apply({"params": p}, image, tokens, train=True, caption=True,
+                                  locked=locked, image_mask=image_mask,
+                                  rngs={"mask": jax.random.PRNGKey(1)})
+    loss, _ = losses_caption.caption_loss(out["caption_logits"], tokens, 0)
+    if ztxt is not None:
+      loss = loss + losses.sigmoid_loss(zimg, ztxt, out["scale"], out["bias"])
+    return loss
+
+  phase = recipes.Phase(locked=locked, image_mask=image_mask)
+  count = flops.two_tower_flops(model_cfg, (res, res, 3), length, batch, phase,
+                                vocab_size=vocab)
+  fwd = xla_flops(loss_fn, params)
+  train = xla_flops(jax.grad(loss_fn), params)
+  assert count.forward_per_example * batch <= fwd <= 1.06 * count.forward_per_example * batch
+  assert count.train_per_step <= train <= 1.06 * count.train_per_step
+  assert (count.text_fwd > 0) == text and (count.loss_fwd > 0) == text
+  assert count.decoder_fwd > 0 and (count.decoder_context_fwd > 0)
+  with pytest.raises(ValueError, match="vocabulary size"):
+    flops.two_tower_flops(model_cfg, (res, res, 3), length, batch, phase)
+
+
+def test_decoder_count_formula():
+  d, mlp, depth, length, n, w_img, vocab = 64, 256, 3, 10, 16, 32, 100
+  kwargs = {"width": d, "depth": depth, "mlp_dim": mlp, "num_heads": 4, "vocab_size": vocab}
+  total, context = flops.decoder_fwd(kwargs, length, n, w_img)
+  block = (4 * 2 * length * d * d + 2 * 2 * length * length * d  # Self-attention.
+           + 2 * 2 * length * d * d + 2 * 2 * n * d * d + 2 * 2 * length * n * d  # Cross.
+           + 2 * 2 * length * d * mlp)
+  assert context == 2 * n * w_img * d + depth * 2 * 2 * n * d * d
+  assert total == 2 * n * w_img * d + depth * block + 2 * length * d * vocab
+  # No image_proj when the widths agree; an explicit vocab_size wins over the argument.
+  assert flops.decoder_fwd(kwargs, length, n, d, 7)[1] == depth * 2 * 2 * n * d * d
+
+
+def test_silc_counts_match_xla():
+  width, batch, res, local_res, n_local, n_global, k = 96, 4, 32, 16, 4, 2, 256
+  head = {"num_prototypes": k, "hidden_dim": 128, "bottleneck_dim": 32, "num_layers": 3}
+  model_cfg = {
+      "image": {"width": width, "depth": 1, "mlp_dim": 4 * width, "num_heads": 4,
+                "patch_size": 8, "pool_type": "map"},
+      "text": {"width": width, "depth": 1, "mlp_dim": 4 * width, "num_heads": 4,
+               "vocab_size": 64, "max_len": 8},
+      "embed_dim": 48}
+  model = TwoTower(model_cfg["image"], model_cfg["text"], embed_dim=48, dino=head)
+  image = jnp.zeros((batch, res, res, 3))
+  tokens = jnp.ones((batch, 8), jnp.int32)
+  local = jnp.zeros((batch * n_local, local_res, local_res, 3))
+  glob = jnp.zeros((batch * n_global, res, res, 3))
+  params = abstract_params(model, image, tokens)
+  ema = {key: params[key] for key in ("img", "dino_head")}
+
+  def views(logits, v):  # [B * V, K] example-major -> [V, B, K], as train_step lays them.
+    return jnp.swapaxes(logits.reshape(batch, v, k), 0, 1)
+
+  def loss_fn(p, ema):  # What train_step runs with SILC: contrastive + DINO loss.
+    teacher = jax.lax.stop_gradient(views(model.apply(
+        {"params": {**p, **ema}}, glob, method="dino_logits"), n_global))
+    zimg, ztxt, out = model.apply({"params": p}, image, tokens, train=True)
+    student = views(model.apply({"params": p}, local, train=True, method="dino_logits"),
+                    n_local)
+    return (losses.sigmoid_loss(zimg, ztxt, out["scale"], out["bias"])
+            + losses_silc.dino_loss(student, teacher, jnp.zeros((k,)),
+                                    student_has_globals=False))
+
+  count = flops.two_tower_flops(model_cfg, (res, res, 3), 8, batch, silc=head,
+                                local_shape=(n_local, local_res, local_res, 3),
+                                global_shape=(n_global, res, res, 3))
+  fwd = xla_flops(loss_fn, params, ema)
+  train = xla_flops(jax.grad(loss_fn), params, ema)
+  assert count.forward_per_example * batch <= fwd <= 1.06 * count.forward_per_example * batch
+  assert count.train_per_step <= train <= 1.06 * count.train_per_step
+  # The parts: towers without the `head` projection (dino_logits reads the pooled features).
+  dino = 2 * (width * 128 + 128 * 128 + 128 * 32 + 32 * k)
+  assert flops.dino_head_fwd(head, width) == dino
+  local_tower, local_embed = flops.image_fwd(model_cfg["image"], local_res, local_res)
+  global_tower, _ = flops.image_fwd(model_cfg["image"], res, res)
+  assert count.silc_fwd == n_local * (local_tower + dino)
+  assert count.silc_patch_embed_fwd == n_local * local_embed
+  assert count.teacher_fwd == n_global * (global_tower + dino)
+  assert count.silc_loss_fwd == 2 * n_global * n_local * k
+  # Without global crops the teacher sees the image itself (G = 1).
+  plain = flops.two_tower_flops(model_cfg, (res, res, 3), 8, batch, silc=head,
+                                local_shape=(n_local, local_res, local_res, 3))
+  assert plain.teacher_fwd == global_tower + dino
+  with pytest.raises(ValueError, match="local_shape"):
+    flops.two_tower_flops(model_cfg, (res, res, 3), 8, batch, silc=head)
 
 
 @pytest.mark.parametrize("image,text_width,published", [

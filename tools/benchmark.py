@@ -56,7 +56,8 @@ import numpy as np
 from big_vlp import config_validation, flops, perf, recipes, sharding, train_step
 from big_vlp.config_errors import ConfigError
 from big_vlp.models import common
-from big_vlp.run_setup import PhasedSteps, image_size_of, make_run_spec, vocab_size_of
+from big_vlp.run_setup import (PhasedSteps, image_size_of, make_run_spec,
+                               recipe_batch_shapes, vocab_size_of)
 
 PRESETS = ("demo", "vit_s16")
 OPEN_CLIP_VENV = os.path.join(ROOT, ".venv-open_clip")
@@ -155,13 +156,21 @@ def parse_sweep(arg: str) -> tuple[str, list[str]]:
 
 def step_flops(config: Any, res: int, text_len: int) -> flops.StepFlops:
   """Model FLOPs of the step the benchmark times: training step 1's phase (FLIP masking
-  drops tokens, a locked tower has no backward pass) and the config's similarity."""
+  drops tokens, a locked tower has no backward pass), the config's similarity, its
+  captioning decoder and SILC's crops."""
   try:  # The trainer's start-up checks: a bad --set / --sweep value names its field.
     config_validation.validate_config(config, jax.device_count())
+    crops = recipe_batch_shapes(config, 1)  # SILC's local / global crops, as the pp has them.
   except ConfigError as e:
     raise SystemExit(f"config error: {e}") from None
-  return flops.two_tower_flops(config.model, (res, res, 3), text_len, config.batch_size,
-                               recipes.phase_at(config, 1), config.get("similarity", "pooled"))
+  shape = lambda key: crops[key].shape[1:] if key in crops else None
+  return flops.two_tower_flops(
+      config.model, (res, res, 3), text_len, config.batch_size, recipes.phase_at(config, 1),
+      config.get("similarity", "pooled"),
+      vocab_size=vocab_size_of(config.tokenizer) if recipes.caption_on(config) else None,
+      silc=(dict(recipes.setting(config, "silc", "head", {}) or {})
+            if recipes.silc_on(config) else None),
+      local_shape=shape(recipes.SILC_LOCAL), global_shape=shape(recipes.SILC_GLOBAL))
 
 
 def synthetic_batch(batch: int, res: int, text_len: int, vocab: int, seed: int = 0
