@@ -1,19 +1,25 @@
-"""Shared pieces of evaluators: jitted sharded encoders, batch placement, FILIP scoring.
+"""Shared pieces of evaluators: jitted sharded encoders (and the captioning decoder's
+decoding and likelihood scoring), batch placement, FILIP scoring.
 
 Evaluation sets are small, so every process reads the whole split and the batch is placed
 on the mesh from the full array; that keeps processes in lock-step on any host count.
 """
 
 import functools
+import math
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from big_vlp import sharding
 from big_vlp.config_errors import check_choice
+from big_vlp.losses_caption import sequence_logprob
 from big_vlp.losses_filip import filip_similarities
+from big_vlp.models import decoding
+from big_vlp.models.decoder import shift_right
 
 # config.similarity: how evaluators score an image against a text. 'pooled' is the cosine of
 # the pooled embeddings; 'filip' is FILIP's token-wise late interaction.
@@ -41,10 +47,11 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
 
 
 class Encoders:
-  """jit-compiled encode_image / encode_text with sharded params and batches."""
+  """jit-compiled encode_image / encode_text with sharded params and batches; for a model
+  with a captioning decoder also caption decoding and prompt log-likelihoods."""
 
   def __init__(self, model: Any, mesh: Mesh):
-    self.mesh = mesh
+    self.model, self.mesh = model, mesh
     self.dp = sharding.data_parallel_size(mesh)
     rep = sharding.replicated(mesh)
     self._img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"),
@@ -58,9 +65,30 @@ class Encoders:
     self._txt_tok = jax.jit(
         lambda p, t: model.apply({"params": p}, t, method="encode_text_tokens"),
         out_shardings=rep)
+    # Decoding and likelihood functions, built on first use (one per set of options).
+    self._decoders: dict[tuple, Callable] = {}
+    self._likelihoods: dict[int, Callable] = {}
 
-  def _run(self, fn: Callable, params: Any, x: np.ndarray) -> Any:
-    x, n = pad_to_multiple(x, self.dp)
+  @property
+  def has_text_tower(self) -> bool:
+    """Whether the model embeds texts (False for a CapPa captioner, model.text=None)."""
+    return getattr(self.model, "text", {}) is not None
+
+  @property
+  def decoder(self) -> dict[str, Any] | None:
+    """The model's captioning decoder kwargs (config.model.decoder), or None."""
+    decoder = getattr(self.model, "decoder", None)
+    return None if decoder is None else dict(decoder)
+
+  @property
+  def decoder_pad_id(self) -> int:
+    """The decoder's padding id, which is also its BOS."""
+    return int((self.decoder or {}).get("pad_id", 0))
+
+  def _run(self, fn: Callable, params: Any, x: np.ndarray, rows: int = 1) -> Any:
+    # Padding to a multiple of `rows` too keeps a short last batch at the full batch's shape,
+    # so it reuses the full batch's compiled function.
+    x, n = pad_to_multiple(x, math.lcm(self.dp, rows))
     return jax.tree.map(lambda y: np.asarray(y)[:n], fn(params, put_global(x, self.mesh)))
 
   def images(self, params: Any, x: np.ndarray) -> np.ndarray:
@@ -86,6 +114,73 @@ class Encoders:
       return np.zeros((0, 0, 0), np.float32), np.zeros((0, 0), bool)
     return (np.concatenate([c[0] for c in chunks]),
             np.concatenate([c[1] for c in chunks]).astype(bool))
+
+  def captions(self, params: Any, images: np.ndarray, *, eos_id: int, max_len: int,
+               method: str = "greedy", beam_size: int = 4, length_penalty: float = 0.6,
+               rows: int = 1) -> np.ndarray:
+    """int32 [N, max_len] decoded captions (tokens, EOS, then padding) of images [N, ...].
+
+    `method` is 'greedy' or 'beam' (models.decoding); images are padded to a multiple of
+    `rows` (e.g. the eval batch size) and of the data-parallel size.
+    """
+    key = (method, eos_id, max_len, beam_size, length_penalty)
+    if key not in self._decoders:
+      self._decoders[key] = self._decode_fn(*key)
+    return self._run(self._decoders[key], params, images, rows)
+
+  def _decode_fn(self, method: str, eos_id: int, max_len: int, beam_size: int,
+                 length_penalty: float) -> Callable:
+    model, pad_id = self.model, self.decoder_pad_id
+    opts = dict(max_len=max_len, bos_id=pad_id, eos_id=eos_id, pad_id=pad_id)
+    if method == "beam":
+      opts.update(beam_size=beam_size, length_penalty=length_penalty)
+    search = decoding.beam_search if method == "beam" else decoding.greedy_decode
+
+    def decode(params: Any, images: jax.Array) -> jax.Array:
+      context = model.apply({"params": params}, images, method="image_context")
+      logits_fn = lambda tokens, ctx: model.apply(  # noqa: E731
+          {"params": params}, tokens, ctx, method="caption_logits")
+      return search(logits_fn, context, **opts)
+
+    return jax.jit(decode, out_shardings=sharding.replicated(self.mesh))
+
+  def text_logprobs(self, params: Any, images: np.ndarray, targets: np.ndarray, *,
+                    rows: int = 1, budget: int = 2**25) -> np.ndarray:
+    """float32 [N, P]: log p(targets[p] | image n) under the captioning decoder, summed over
+    each target's non-padding tokens (CapPa's zero-shot score).
+
+    The image context is computed once per call; the targets [P, L] are scored in chunks of
+    as many as keep one chunk's logits (images x chunk x L x vocab) within `budget`
+    elements, all in one jitted call, so memory is bounded for any number of targets.
+    """
+    targets = np.asarray(targets, np.int32)
+    n_pad = len(images) + (-len(images)) % math.lcm(self.dp, rows)
+    vocab = int(self.decoder["vocab_size"])
+    chunk = max(1, min(len(targets), budget // (n_pad * targets.shape[1] * vocab)))
+    if chunk not in self._likelihoods:
+      self._likelihoods[chunk] = self._likelihood_fn(chunk)
+    fn = self._likelihoods[chunk]
+    targets, n_targets = pad_to_multiple(targets, chunk)  # Extra rows: all padding.
+    return self._run(lambda p, x: fn(p, x, targets), params, images, rows)[:, :n_targets]
+
+  def _likelihood_fn(self, chunk: int) -> Callable:
+    model, pad_id = self.model, self.decoder_pad_id
+
+    def score(params: Any, images: jax.Array, targets: jax.Array) -> jax.Array:
+      context = model.apply({"params": params}, images, method="image_context")
+      b = context.shape[0]
+
+      def one_chunk(tgt: jax.Array) -> jax.Array:  # tgt [chunk, L] -> [B, chunk]
+        tokens = jnp.tile(tgt, (b, 1))  # Image-major: row i * chunk + j.
+        ctx = jnp.repeat(context, chunk, axis=0)
+        logits = model.apply({"params": params}, shift_right(tokens, pad_id), ctx,
+                             method="caption_logits")
+        return sequence_logprob(logits, tokens, pad_id).reshape(b, chunk)
+
+      out = jax.lax.map(one_chunk, targets.reshape(-1, chunk, targets.shape[1]))
+      return jnp.moveaxis(out, 0, 1).reshape(b, -1)
+
+    return jax.jit(score, out_shardings=sharding.replicated(self.mesh))
 
 
 @functools.partial(jax.jit, static_argnames="rows")

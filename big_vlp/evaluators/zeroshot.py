@@ -2,13 +2,20 @@
 
 With config.similarity='filip', an image's score for a class is instead the mean over the
 prompt templates of the FILIP similarity 0.5 * (s_i2t + s_t2i) to that class's prompt.
+With `scoring='likelihood'` (the default for a model without a text tower, as CapPa scores
+it) it is the mean over the templates of log p(prompt | image) under the captioning decoder.
 """
 
 from typing import Any
 
 import numpy as np
 
+from big_vlp.config_errors import check_choice, fail
 from big_vlp.evaluators.common import Encoders, eval_batches, filip_scores
+
+# evals.<name>.scoring: 'auto' is 'likelihood' for a model without a text tower, else
+# 'embedding' (pooled or FILIP similarity, as config.similarity says).
+SCORINGS = ("auto", "embedding", "likelihood")
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -54,21 +61,49 @@ def topk_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> di
           "mean_per_class_recall": float(np.mean(recalls))}
 
 
+def resolve_scoring(name: str, cfg: Any, encoders: Any) -> str:
+  """evals.<name>.scoring checked against the model, 'auto' resolved."""
+  field = f"evals.{name}.scoring"
+  scoring = check_choice(field, cfg.get("scoring", "auto"), SCORINGS)
+  # Stand-in encoders (tests) that say nothing about the model have a text tower only.
+  has_text = getattr(encoders, "has_text_tower", True)
+  has_decoder = getattr(encoders, "decoder", None) is not None
+  if scoring == "auto":
+    scoring = "embedding" if has_text else "likelihood"
+  if scoring == "likelihood" and not has_decoder:
+    fail(field, "likelihood", "scores prompts by their likelihood under the captioning "
+         "decoder, but the model has none (model.decoder is unset); use 'embedding'")
+  if scoring == "embedding" and not has_text:
+    fail(field, "embedding", "the model has no text tower (model.text=None) to embed the "
+         "prompts; use 'likelihood' or 'auto'")
+  return scoring
+
+
+def likelihood_class_scores(logprobs: np.ndarray, num_classes: int) -> np.ndarray:
+  """[B, C] mean over templates of log p(prompt | image), from class-major [B, C * T]."""
+  return logprobs.reshape(len(logprobs), num_classes, -1).mean(axis=2)
+
+
 class ZeroShot:
-  """Evaluator: classify images by the nearest class-prompt embedding."""
+  """Evaluator: classify images by the nearest class-prompt embedding, or by the most
+  likely class prompts under the captioning decoder (scoring='likelihood')."""
 
   def __init__(self, name: str, cfg: Any, *, encoders: Encoders, tokenizer: Any,
                text_len: int, data: Any, similarity: str = "pooled"):
     self.name, self.cfg, self.encoders = name, cfg, encoders
     self.similarity = similarity
     self.tokenizer, self.text_len, self.data = tokenizer, text_len, data
+    self.scoring = resolve_scoring(name, cfg, encoders)
     self.label_key = cfg.get("label_key", "label")
     self.class_names = list(cfg.get("class_names", None) or
                             data.class_names(cfg.data, cfg.get("data_dir"), key=self.label_key))
     self.templates = tuple(cfg.get("templates", None) or DEFAULT_TEMPLATES)
+    self._prompt_tokens = None
 
   def run(self, params: Any) -> dict[str, float]:
     """Returns {'top1', 'top5', 'mean_per_class_recall'}."""
+    if self.scoring == "likelihood":
+      return self._run_likelihood(params)
     if self.similarity == "filip":
       return self._run_filip(params)
     zcls = class_embeddings(self.encoders, params, self.tokenizer, self.class_names,
@@ -90,6 +125,29 @@ class ZeroShot:
       img_tok = self.encoders.image_tokens(params, b["image"])
       logits.append(filip_class_scores(img_tok, prompt_tok, prompt_mask,
                                        len(self.class_names)))
+      labels.append(b[self.label_key])
+    return topk_metrics(np.concatenate(logits), np.concatenate(labels).astype(np.int64),
+                        len(self.class_names))
+
+  def prompt_tokens(self) -> np.ndarray:
+    """int32 [C * T, L]: every class's prompts (class-major), at the decoder's length."""
+    if self._prompt_tokens is None:
+      prompts = [t.format(c) for c in self.class_names for t in self.templates]
+      max_len = int(self.encoders.decoder["max_len"])
+      self._prompt_tokens = self.tokenizer.encode(prompts, max_len)
+    return self._prompt_tokens
+
+  def likelihood_scores(self, params: Any, images: np.ndarray) -> np.ndarray:
+    """[B, C]: per image, the mean over templates of log p(class prompt | image)."""
+    logprobs = self.encoders.text_logprobs(params, images, self.prompt_tokens(),
+                                           rows=int(self.cfg.batch_size))
+    return likelihood_class_scores(logprobs, len(self.class_names))
+
+  def _run_likelihood(self, params: Any) -> dict[str, float]:
+    """CapPa's zero-shot: each image's class is the one whose prompts are most likely."""
+    logits, labels = [], []
+    for b in eval_batches(self.data, self.cfg, self.tokenizer):
+      logits.append(self.likelihood_scores(params, b["image"]))
       labels.append(b[self.label_key])
     return topk_metrics(np.concatenate(logits), np.concatenate(labels).astype(np.int64),
                         len(self.class_names))
