@@ -91,8 +91,16 @@ def validate_config(config: Any, num_devices: int, process_count: int = 1) -> No
 
   _check_tower(config.model.image, "model.image", IMAGE_POOLS)
   check_choice("model.image.posemb", config.model.image.get("posemb", "learn"), POSEMBS)
-  _check_tower(config.model.text, "model.text", TEXT_POOLS)
-  _positive_int(config, "model.text.max_len")
+  if config.model.get("text") is not None:  # None: a captioner without text tower (CapPa).
+    _check_tower(config.model.text, "model.text", TEXT_POOLS)
+    _positive_int(config, "model.text.max_len")
+  if config.model.get("decoder") is not None:
+    dec = config.model.decoder
+    decode_variant(dec.get("variant"), field="model.decoder.variant")
+    check_choice("model.decoder.dtype", dec.get("dtype", "float32"), DTYPES)
+    resolve_remat(dec.get("remat", "none"), "model.decoder.remat")
+    if dec.get("max_len") is not None:
+      _positive_int(config, "model.decoder.max_len")
 
   shape = sharding.mesh_shape(config.mesh, num_devices, config.get("mesh_dcn"),
                               slices=process_count)

@@ -69,8 +69,9 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 
 
 
 def compute_dtype(model_config: Any) -> str:
-  """'bfloat16' if either tower computes in bfloat16, else 'float32'."""
-  dtypes = {model_config[t].get("dtype", "float32") for t in ("image", "text")}
+  """'bfloat16' if any tower (or the decoder) computes in bfloat16, else 'float32'."""
+  dtypes = {model_config[t].get("dtype", "float32") for t in ("image", "text", "decoder")
+            if model_config.get(t) is not None}
   return "bfloat16" if "bfloat16" in dtypes else "float32"
 
 
