@@ -57,7 +57,7 @@ from big_vlp import config_validation, flops, perf, recipes, sharding, train_ste
 from big_vlp.config_errors import ConfigError
 from big_vlp.models import common
 from big_vlp.run_setup import (PhasedSteps, image_size_of, make_run_spec,
-                               recipe_batch_shapes, vocab_size_of)
+                               recipe_batch_shapes, text_len_of, vocab_size_of)
 
 PRESETS = ("demo", "vit_s16")
 OPEN_CLIP_VENV = os.path.join(ROOT, ".venv-open_clip")
@@ -173,9 +173,10 @@ def step_flops(config: Any, res: int, text_len: int) -> flops.StepFlops:
       local_shape=shape(recipes.SILC_LOCAL), global_shape=shape(recipes.SILC_GLOBAL))
 
 
-def synthetic_batch(batch: int, res: int, text_len: int, vocab: int, seed: int = 0
-                    ) -> dict[str, np.ndarray]:
-  """Images ~ N(0, 1) and token rows of random length (EOS last, then padding 0)."""
+def synthetic_batch(batch: int, res: int, text_len: int, vocab: int, seed: int = 0,
+                    extra: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+  """Images ~ N(0, 1) and token rows of random length (EOS last, then padding 0); `extra`
+  shapes (run_setup.recipe_batch_shapes: SILC's crops) are filled with N(0, 1) too."""
   rng = np.random.default_rng(seed)
   image = rng.standard_normal((batch, res, res, 3), dtype=np.float32)
   text = rng.integers(1, vocab - 1, (batch, text_len), dtype=np.int32)
@@ -183,7 +184,10 @@ def synthetic_batch(batch: int, res: int, text_len: int, vocab: int, seed: int =
   for row, n in zip(text, lengths):
     row[n - 1] = vocab - 1
     row[n:] = 0
-  return {"image": image, "text": text}
+  out = {"image": image, "text": text}
+  for key, shape in (extra or {}).items():
+    out[key] = rng.standard_normal(shape.shape, dtype=np.float32)
+  return out
 
 
 class BigVlpStep:
@@ -329,13 +333,14 @@ class Variant:
     self.config = copy.deepcopy(config)
     assign(self.config, field, self.value, "--sweep")
     self.res = args.res or image_size_of(self.config)
-    self.text_len = int(self.config.model.text.max_len)
+    self.text_len = text_len_of(self.config)
     self.vocab = vocab_size_of(self.config.tokenizer)
     self.dtype = perf.compute_dtype(self.config.model)
     self.phase = recipes.phase_at(self.config, 1)
     self.count = step_flops(self.config, self.res, self.text_len)
     batch = synthetic_batch(self.config.batch_size, self.res, self.text_len, self.vocab,
-                            self.config.seed)
+                            self.config.seed,
+                            recipe_batch_shapes(self.config, self.config.batch_size))
     t0 = time.perf_counter()
     self.step = BigVlpStep(self.config, batch, self.vocab)
     self.build_s = time.perf_counter() - t0
@@ -443,9 +448,11 @@ def main() -> None:
   if args.batch:
     config.batch_size = args.batch
   if args.dtype:
-    config.model.image.dtype = config.model.text.dtype = args.dtype
+    for part in ("image", "text", "decoder"):
+      if config.model.get(part) is not None:
+        config.model[part].dtype = args.dtype
   res = args.res or image_size_of(config)
-  text_len = int(config.model.text.max_len)
+  text_len = text_len_of(config)
   vocab = vocab_size_of(config.tokenizer)
   dtype = perf.compute_dtype(config.model)
   if sweep:
@@ -453,6 +460,10 @@ def main() -> None:
     return
   count = step_flops(config, res, text_len)
   peak, peak_source = perf.peak_flops(dtype, args.peak_flops)
+  if args.compare and (recipes.caption_on(config) or recipes.silc_on(config)
+                       or not recipes.contrastive_on(config)):
+    raise SystemExit("--compare open_clip times the plain two-tower step; this config adds "
+                     "a captioning decoder or SILC, which the open_clip worker does not build")
   oc_python = find_open_clip_python(args.open_clip_python) if args.compare else None
 
   print(f"{args.config}: batch {config.batch_size}, {res} px, {text_len} tokens, vocab "
@@ -463,7 +474,8 @@ def main() -> None:
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   print(f"GLIBC_TUNABLES={tunables!r} (big_vlp.hugepages; the open_clip worker inherits "
         "the same environment)", flush=True)
-  batch = synthetic_batch(config.batch_size, res, text_len, vocab, config.seed)
+  batch = synthetic_batch(config.batch_size, res, text_len, vocab, config.seed,
+                          recipe_batch_shapes(config, config.batch_size))
   t0 = time.perf_counter()
   ours = BigVlpStep(config, batch, vocab)
   print(f"big_vlp: built in {time.perf_counter() - t0:.1f}s (compile {ours.compile_s:.1f}s), "

@@ -47,7 +47,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from big_vlp import config_validation, sharding, train_step
-from big_vlp.run_setup import PhasedSteps, image_size_of, make_run_spec, vocab_size_of
+from big_vlp.run_setup import (PhasedSteps, image_size_of, make_run_spec,
+                               recipe_batch_shapes, text_len_of, vocab_size_of)
 
 GIB = 2 ** 30
 def _bytes_per_device(tree, shardings) -> int:
@@ -64,9 +65,10 @@ def plan(config, num_devices: int, hbm_gib: float, image_size: int | None = None
   mesh = sharding.mesh_from_config(config, jax.devices()[:num_devices])
   res = image_size or image_size_of(config)
   vocab = vocab_size or vocab_size_of(config.tokenizer)
-  text_len = config.model.text.max_len
+  text_len = text_len_of(config)
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, res, res, 3), np.float32),
-           "text": jax.ShapeDtypeStruct((config.batch_size, text_len), np.int32)}
+           "text": jax.ShapeDtypeStruct((config.batch_size, text_len), np.int32),
+           **recipe_batch_shapes(config, config.batch_size)}
   spec = make_run_spec(config, mesh, vocab, batch)
   step = PhasedSteps(config, spec, mesh, tuple(batch)).for_step(1)
   data_sh = sharding.batch_sharding(mesh)
@@ -87,14 +89,15 @@ def plan(config, num_devices: int, hbm_gib: float, image_size: int | None = None
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes)
   n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state["params"]))
+  text = config.model.get("text") or config.model.get("decoder")  # CapPa: the decoder.
   return {
       "config": {"loss": config.loss, "loss_impl": config.get("loss_impl", "global"),
                  "accum_steps": config.get("accum_steps", 1), "batch_size": config.batch_size,
                  "image_size": res, "text_len": text_len, "vocab_size": vocab,
                  "image_remat": str(config.model.image.get("remat", "none")),
-                 "text_remat": str(config.model.text.get("remat", "none")),
+                 "text_remat": str(text.get("remat", "none")),
                  "scan": bool(config.model.image.get("scan", False)
-                              or config.model.text.get("scan", False))},
+                              or text.get("scan", False))},
       "devices": num_devices, "mesh": dict(mesh.shape), "parameters": n_params,
       "per_device_batch": config.batch_size // sharding.data_parallel_size(mesh),
       "bytes_per_device": {
