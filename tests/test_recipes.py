@@ -266,6 +266,9 @@ def _demo(name, data_dir, extra=""):
     ("flip_demo", "steps=6,image_mask=0.75,text_mask=0.25,unmasked_steps=2", "flip"),
     ("filip_demo", "steps=6", "filip"),
     ("distill_demo", "steps=6,teacher={base}", "distill"),
+    ("coca_demo", "steps=6", "coca"),
+    ("cappa_demo", "steps=6", "cappa"),
+    ("silc_demo", "steps=6", "silc"),
 ])
 def test_recipe_config_trains_through_the_cli(tmp_path, shapes_dir, base_run, name, extra,  # noqa: F811
                                               check):
@@ -276,7 +279,15 @@ def test_recipe_config_trains_through_the_cli(tmp_path, shapes_dir, base_run, na
   assert train_events[-1]["step"] == 6
   assert all(np.isfinite(e["train/loss"]) for e in train_events)
   final = {k: v for e in events for k, v in e.items()}
-  assert 0 <= final["zeroshot/top1"] <= 1 and 0 <= final["retrieval/i2t_r1"] <= 1
+  assert 0 <= final["zeroshot/top1"] <= 1
+  assert ("retrieval/i2t_r1" in final) == (check != "cappa")  # CapPa has no text tower.
+  if check in ("coca", "cappa"):  # Captions of the held-out split, scored.
+    assert 0 <= final["captioning/bleu4"] <= 1 and final["captioning/cider"] >= 0
+    assert all(e["train/caption_loss"] > 0 for e in train_events)
+    assert ("train/contrastive_loss" in train_events[-1]) == (check == "coca")
+  if check == "silc":
+    assert all(e["train/silc_loss"] > 0 for e in train_events)
+    assert train_events[-1]["train/ema_momentum"] == pytest.approx(0.99)
   if check in ("lit", "unlock"):
     assert f"initialised img from {base}" in stdout
   if check == "unlock":
