@@ -116,6 +116,13 @@ class Teacher:
     self._text = jax.jit(lambda p, t: model.apply({"params": p}, t, method="encode_text"))
     scale = model.apply({"params": self._params}, method="scale_bias")["scale"]
     self.scale = float(jax.device_get(scale))
+    trained = tuple(run.meta["image_shape"][:2])
+    if trained != (self.res, self.res):
+      # The ViT would resize a learned position embedding to another grid, but embeddings
+      # of images at a size the teacher never saw are not the teacher's (as load_teacher
+      # refuses for distillation in the step).
+      _flag_error("res", res, f"the teacher's image tower cannot take {self.res}x{self.res} "
+                  f"images (it was trained on {list(trained)}); use --res {trained[0]}")
     try:
       self.embed_dim = int(jax.eval_shape(
           self._image, self._params,
