@@ -7,7 +7,8 @@ Arguments: loss=sigmoid|softmax, steps, batch, seed, data / data_dir (a tfds ima
 dataset, default the embedded 'big_vlp_shapes'; a weighted mixture is written
 `data=NAME:3+OTHER:1`), eval_data / eval_data_dir / eval_split (a labelled tfds dataset for
 zero-shot; 'none' for no zero-shot), retrieval_data / retrieval_split (default: `data`'s
-'val' split; 'none' for no retrieval), text_key, tokenizer, res (image size), runlocal
+'val' split; 'none' for no retrieval), eval_every (steps between evaluations; default a
+quarter of the run, 0 = only at the end), text_key, tokenizer, res (image size), runlocal
 (tiny and fast, for debugging).
 """
 
@@ -24,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 data="big_vlp_shapes", data_dir="", text_key="caption",
                 eval_data="big_vlp_shapes", eval_data_dir="", eval_split="test",
                 retrieval_data="", retrieval_split="val", tokenizer="sp_train:256",
-                res=64, runlocal=False)
+                res=64, eval_every=-1, runlocal=False)
   if a.runlocal:
     a.steps, a.batch = min(a.steps, 20), min(a.batch, 32)
   text_len = 16
@@ -72,5 +73,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       zeroshot_data_dir=a.eval_data_dir or a.data_dir,
       retrieval_data=a.retrieval_data or c.data.name,
       retrieval_split=a.retrieval_split, data_dir=a.data_dir, text_key=a.text_key,
-      every=every, batch_size=256)
+      every=every if a.eval_every < 0 else a.eval_every, batch_size=256)
   return c
