@@ -165,8 +165,8 @@ def pod_config(arg: str | None, *, loss: str, tokenizer: str, examples: int, tex
   # A 32k batch on 16 GiB chips (v5e) needs the blocks rematerialised; scanning the layers
   # makes XLA free each layer's activations (tools/plan.py: 3.9 vs 37.9 GiB temporaries
   # per device for B/16 on 256 chips). Override with e.g. --config.model.image.remat=none.
-  image = {"remat": "full", "scan": True, **image}
-  text = {"remat": "full", "scan": True, **text, "max_len": text_len}
+  image = {"remat": "full", "scan": True, "matmul_dtype": "float32", **image}
+  text = {"remat": "full", "scan": True, "matmul_dtype": "float32", **text, "max_len": text_len}
   if a.runlocal:
     a.update(data="big_vlp_shapes/small", eval_data="big_vlp_shapes/small", eval_split="test",
              retrieval_data="big_vlp_shapes/small", tokenizer="bytes", batch=16,

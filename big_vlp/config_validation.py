@@ -6,7 +6,8 @@ from typing import Any
 from big_vlp import distributed, losses, optim, recipes, sharding
 from big_vlp.config_errors import ConfigError, check_choice, fail
 from big_vlp.evaluators import EVALUATORS
-from big_vlp.models.common import check_scan, decode_variant, resolve_remat
+from big_vlp.models.common import (check_matmul_dtype, check_scan, decode_variant,
+                                   resolve_remat)
 
 IMAGE_POOLS = ("gap", "map", "tok")
 TEXT_POOLS = ("last", "first", "gap", "map")
@@ -29,6 +30,7 @@ def _check_tower(cfg: Any, field: str, pools: tuple[str, ...]) -> None:
   decode_variant(cfg.get("variant"), field=f"{field}.variant")
   check_choice(f"{field}.pool_type", cfg.get("pool_type", pools[0]), pools)
   check_choice(f"{field}.dtype", cfg.get("dtype", "float32"), DTYPES)
+  check_matmul_dtype(cfg.get("matmul_dtype", "float32"), f"{field}.matmul_dtype")
   resolve_remat(cfg.get("remat", "none"), f"{field}.remat")
   check_scan(cfg.get("scan", False), f"{field}.scan")
 

@@ -69,9 +69,10 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 
 
 
 def compute_dtype(model_config: Any) -> str:
-  """'bfloat16' if any tower (or the decoder) computes in bfloat16, else 'float32'."""
-  dtypes = {model_config[t].get("dtype", "float32") for t in ("image", "text", "decoder")
-            if model_config.get(t) is not None}
+  """'bfloat16' if any tower (or the decoder) computes or multiplies in bfloat16 (dtype or
+  matmul_dtype), else 'float32': the peak MFU is measured against."""
+  dtypes = {model_config[t].get(key, "float32") for t in ("image", "text", "decoder")
+            if model_config.get(t) is not None for key in ("dtype", "matmul_dtype")}
   return "bfloat16" if "bfloat16" in dtypes else "float32"
 
 

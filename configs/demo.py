@@ -50,10 +50,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict({
       "image": {"variant": "Ti/8", "width": width, "depth": depth, "mlp_dim": 4 * width,
                 "num_heads": heads, "pool_type": "map", "posemb": "learn",
-                "dtype": "float32", "remat": "none", "scan": False},
+                "dtype": "float32", "matmul_dtype": "float32", "remat": "none",
+                "scan": False},
       "text": {"variant": "Ti", "width": width, "depth": depth, "mlp_dim": 4 * width,
                "num_heads": heads, "max_len": text_len, "pool_type": "last",
-               "causal": False, "dtype": "float32", "remat": "none", "scan": False},
+               "causal": False, "dtype": "float32", "matmul_dtype": "float32",
+               "remat": "none", "scan": False},
       "embed_dim": 128,
       # None = the standard init of the loss (REFERENCE: SigLIP t=log 10, b=-10; CLIP 1/0.07).
       "temperature_init": opt_float(), "bias_init": opt_float(),

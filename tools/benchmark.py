@@ -4,6 +4,7 @@
   python tools/benchmark.py --config vit_s16 --batch 32 --compare open_clip
   python tools/benchmark.py --config configs/siglip_b16.py:runlocal=True --set model.image.dtype=bfloat16
   python tools/benchmark.py --config demo --sweep masking.image=0,0.5,0.75
+  python tools/benchmark.py --config vit_s16 --batch 8 --matmul_dtype bfloat16 --compare open_clip
 
 --config is a preset (demo: configs/demo.py; vit_s16: the demo recipe with ViT-S/16 image
 and S text towers at 224 px, 64 tokens) or `configs/X.py[:args]`; --set FIELD=VALUE
@@ -424,6 +425,9 @@ def main() -> None:
   parser.add_argument("--res", type=int, help="image size (default: from config.data.pp)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                       help="both towers' compute dtype (default: the config's)")
+  parser.add_argument("--matmul_dtype", choices=("float32", "bfloat16"),
+                      help="the towers' model.*.matmul_dtype: bfloat16 operands, float32 "
+                      "sums (open_clip then runs under autocast bfloat16)")
   parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
   parser.add_argument("--rounds", type=int, default=3, help="timed rounds (medians reported)")
   parser.add_argument("--compare", choices=("open_clip",))
@@ -451,6 +455,10 @@ def main() -> None:
     for part in ("image", "text", "decoder"):
       if config.model.get(part) is not None:
         config.model[part].dtype = args.dtype
+  if args.matmul_dtype:
+    for part in ("image", "text"):
+      if config.model.get(part) is not None:
+        config.model[part].matmul_dtype = args.matmul_dtype
   res = args.res or image_size_of(config)
   text_len = text_len_of(config)
   vocab = vocab_size_of(config.tokenizer)

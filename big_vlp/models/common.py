@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vlp.config_errors import ConfigError, check_choice, fail
+from big_vlp.models.matmul import MATMUL_DTYPES, dense_dot_general
 
 # width / depth / mlp_dim / num_heads, as in the ViT, SigLIP and ViT-g papers.
 SIZES: dict[str, dict[str, int]] = {
@@ -91,6 +92,11 @@ def resolve_dtype(name: str, field: str) -> Any:
   return DTYPES[name]
 
 
+def check_matmul_dtype(name: str, field: str) -> str:
+  """A tower's matmul_dtype: 'float32', or 'bfloat16' (operands rounded, float32 sums)."""
+  return check_choice(field, name, MATMUL_DTYPES)
+
+
 def resolve_remat(value: str | bool, field: str) -> str:
   """Normalises a remat setting to one of REMAT_POLICIES (old configs used True / False)."""
   if isinstance(value, (bool, np.bool_)):
@@ -167,14 +173,16 @@ def random_keep(x: jnp.ndarray, keep: int, rng: jax.Array) -> jnp.ndarray:
 
 
 def project(head_dim: int | None, dtype: Any, pooled: jnp.ndarray, aux: dict[str, Any],
-            project_tokens: bool) -> tuple[jnp.ndarray, dict[str, Any]]:
+            project_tokens: bool, matmul_dtype: str = "float32"
+            ) -> tuple[jnp.ndarray, dict[str, Any]]:
   """Applies a tower's optional `head` Dense to the pooled output (and to every token when
   asked), inside the calling module's scope."""
   if head_dim is None:
     if project_tokens:
       aux["tokens_proj"] = aux["tokens"]
     return pooled, aux
-  head = nn.Dense(head_dim, dtype=dtype, param_dtype=jnp.float32, name="head")
+  head = nn.Dense(head_dim, dtype=dtype, param_dtype=jnp.float32,
+                  dot_general=dense_dot_general(matmul_dtype), name="head")
   if project_tokens:
     aux["tokens_proj"] = head(aux["tokens"])
   return head(pooled), aux
@@ -185,12 +193,14 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   dtype: Any = jnp.float32
   dropout: float = 0.0
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
     """Applies Dense -> GELU -> Dropout -> Dense."""
     width = x.shape[-1]
     dense = lambda n: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32,
+                               dot_general=dense_dot_general(self.matmul_dtype),
                                kernel_init=nn.initializers.xavier_uniform(),
                                bias_init=nn.initializers.normal(stddev=1e-6))
     x = dense(self.mlp_dim)(x)
@@ -199,12 +209,17 @@ class MlpBlock(nn.Module):
     return dense(width)(x)
 
 
-def _attention(num_heads: int, dtype: Any) -> nn.MultiHeadDotProductAttention:
+def _attention(num_heads: int, dtype: Any, matmul_dtype: str = "float32"
+               ) -> nn.MultiHeadDotProductAttention:
   # Softmax in float32 so bfloat16 runs keep masked logits far below real ones. No dropout
   # on attention probabilities: blocks drop the attention output instead, as ViT does.
+  # matmul_dtype reaches the q/k/v and output projections; the score and weighted-value
+  # einsums (a few percent of a ViT's FLOPs) keep the activation dtype.
+  dot = dense_dot_general(matmul_dtype)
   return nn.MultiHeadDotProductAttention(
       num_heads=num_heads, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.initializers.xavier_uniform(), force_fp32_for_softmax=True)
+      kernel_init=nn.initializers.xavier_uniform(), force_fp32_for_softmax=True,
+      qkv_dot_general=dot, out_dot_general=dot)
 
 
 class EncoderBlock(nn.Module):
@@ -213,6 +228,7 @@ class EncoderBlock(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   dropout: float = 0.0
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None,
@@ -220,12 +236,12 @@ class EncoderBlock(nn.Module):
     """x: [B, N, D]; mask: bool [B, 1|H, N, N], True where a query may attend a key."""
     x = constrain(x, "batch", None, None)
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
-    y = _attention(self.num_heads, self.dtype)(
+    y = _attention(self.num_heads, self.dtype, self.matmul_dtype)(
         y, y, mask=mask, deterministic=deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = x + y
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
-    y = MlpBlock(self.mlp_dim, self.dtype, self.dropout)(y, deterministic)
+    y = MlpBlock(self.mlp_dim, self.dtype, self.dropout, self.matmul_dtype)(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     return constrain(x + y, "batch", None, None)
 
@@ -244,6 +260,7 @@ class Encoder(nn.Module):
   # One of REMAT_POLICIES; True / False are accepted for old configs ("full" / "none").
   remat: str | bool = "none"
   scan: bool = False
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None,
@@ -267,12 +284,13 @@ class Encoder(nn.Module):
       scanned = nn.scan(body, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},
                         in_axes=nn.broadcast, length=self.depth)
-      block = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.dropout, name=_BLOCK)
+      block = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.dropout,
+                        self.matmul_dtype, name=_BLOCK)
       x, _ = scanned(block, x, mask)
     else:
       for i in range(self.depth):
         x = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.dropout,
-                      name=f"{_BLOCK}_{i}")(x, mask, deterministic)
+                      self.matmul_dtype, name=f"{_BLOCK}_{i}")(x, mask, deterministic)
     return nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="encoder_norm")(x)
 
 
@@ -320,6 +338,7 @@ class MAPHead(nn.Module):
   mlp_dim: int
   num_heads: int
   dtype: Any = jnp.float32
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -328,7 +347,7 @@ class MAPHead(nn.Module):
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
     probe = jnp.tile(probe, [b, 1, 1]).astype(self.dtype)
     attn_mask = None if mask is None else mask[:, None, None, :]
-    x = _attention(self.num_heads, self.dtype)(probe, x, mask=attn_mask)
+    x = _attention(self.num_heads, self.dtype, self.matmul_dtype)(probe, x, mask=attn_mask)
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
-    x = x + MlpBlock(self.mlp_dim, self.dtype)(y)
+    x = x + MlpBlock(self.mlp_dim, self.dtype, matmul_dtype=self.matmul_dtype)(y)
     return x[:, 0]

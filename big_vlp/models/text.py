@@ -32,6 +32,9 @@ class TextTransformer(nn.Module):
   # Transformer/encoderblock/... with a leading [depth] axis (common.stack_layers converts).
   remat: str | bool = "none"
   scan: bool = False
+  # Operand dtype of the Dense / attention-projection matmuls (common.check_matmul_dtype):
+  # 'bfloat16' rounds operands to bf16 and sums in float32 (models/matmul.py).
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, *, train: bool = False, mask_ratio: float = 0.0,
@@ -55,6 +58,7 @@ class TextTransformer(nn.Module):
     dtype = common.resolve_dtype(self.dtype, f"{PREFIX}.dtype")
     remat = common.resolve_remat(self.remat, f"{PREFIX}.remat")
     scan = common.check_scan(self.scan, f"{PREFIX}.scan")
+    mm = common.check_matmul_dtype(self.matmul_dtype, f"{PREFIX}.matmul_dtype")
     b, length = tokens.shape
     if length > self.max_len:
       fail(f"{PREFIX}.max_len", self.max_len, f"shorter than the input length {length}")
@@ -81,7 +85,7 @@ class TextTransformer(nn.Module):
     if self.causal:
       mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
     x = common.Encoder(size["depth"], size["mlp_dim"], size["num_heads"], dtype,
-                       self.dropout, remat, scan, name="Transformer")(x, mask, not train)
+                       self.dropout, remat, scan, mm, name="Transformer")(x, mask, not train)
 
     if self.pool_type == "last":
       # Index of the last real token (EOS): the pipeline appends EOS before any padding.
@@ -94,7 +98,7 @@ class TextTransformer(nn.Module):
       total = jnp.sum(x.astype(jnp.float32) * weights, axis=1)
       pooled = (total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)).astype(dtype)
     else:
-      pooled = common.MAPHead(size["mlp_dim"], size["num_heads"], dtype)(x, real)
+      pooled = common.MAPHead(size["mlp_dim"], size["num_heads"], dtype, mm)(x, real)
 
     aux = {"tokens": x, "mask": real, "pre_logits": pooled}
-    return common.project(self.head_dim, dtype, pooled, aux, project_tokens)
+    return common.project(self.head_dim, dtype, pooled, aux, project_tokens, mm)

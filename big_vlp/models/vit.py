@@ -61,6 +61,9 @@ class ViT(nn.Module):
   # Transformer/encoderblock/... with a leading [depth] axis (common.stack_layers converts).
   remat: str | bool = "none"
   scan: bool = False
+  # Operand dtype of the Dense / attention-projection matmuls (common.check_matmul_dtype):
+  # 'bfloat16' rounds operands to bf16 and sums in float32 (models/matmul.py).
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, image: jnp.ndarray, *, train: bool = False, mask_ratio: float = 0.0,
@@ -85,6 +88,7 @@ class ViT(nn.Module):
     dtype = common.resolve_dtype(self.dtype, f"{PREFIX}.dtype")
     remat = common.resolve_remat(self.remat, f"{PREFIX}.remat")
     scan = common.check_scan(self.scan, f"{PREFIX}.scan")
+    mm = common.check_matmul_dtype(self.matmul_dtype, f"{PREFIX}.matmul_dtype")
 
     b, h, w, _ = image.shape
     if h % ph or w % pw:
@@ -115,16 +119,16 @@ class ViT(nn.Module):
 
     x = nn.Dropout(rate=self.dropout)(x, not train)
     x = common.Encoder(size["depth"], size["mlp_dim"], size["num_heads"], dtype,
-                       self.dropout, remat, scan, name="Transformer")(x, None, not train)
+                       self.dropout, remat, scan, mm, name="Transformer")(x, None, not train)
 
     # aux tokens are patch tokens only, so N is the patch count for every pool type.
     tokens = x[:, 1:] if self.pool_type == "tok" else x
     if self.pool_type == "gap":
       pooled = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(dtype)
     elif self.pool_type == "map":
-      pooled = common.MAPHead(size["mlp_dim"], size["num_heads"], dtype)(tokens)
+      pooled = common.MAPHead(size["mlp_dim"], size["num_heads"], dtype, mm)(tokens)
     else:
       pooled = x[:, 0]
 
     aux = {"tokens": tokens, "pre_logits": pooled}
-    return common.project(self.head_dim, dtype, pooled, aux, project_tokens)
+    return common.project(self.head_dim, dtype, pooled, aux, project_tokens, mm)
