@@ -22,6 +22,9 @@ STATE_FIELDS = ("model", "loss", "tokenizer", "freeze", "optim.name", "optim.mu_
 # Switches about the resume itself, never worth a note.
 IGNORED_FIELDS = ("allow_config_change",)
 ABSENT = "<absent>"
+# Fields added after runs existed: an older config.json that lacks one meant this value.
+ADDED_FIELD_DEFAULTS = {"model.image.matmul_dtype": "float32",
+                        "model.text.matmul_dtype": "float32"}
 ALLOW_FLAG = "--config.allow_config_change=True"
 
 
@@ -40,8 +43,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
   """{dotted key: (old, new)} for every leaf that differs; ABSENT marks a missing side."""
   a, b = flatten(old), flatten(new)
-  return {k: (a.get(k, ABSENT), b.get(k, ABSENT))
-          for k in sorted(set(a) | set(b)) if a.get(k, ABSENT) != b.get(k, ABSENT)}
+  value = lambda tree, k: tree.get(k, ADDED_FIELD_DEFAULTS.get(k, ABSENT))
+  return {k: (value(a, k), value(b, k))
+          for k in sorted(set(a) | set(b)) if value(a, k) != value(b, k)}
 
 
 def affects_state(key: str) -> bool:

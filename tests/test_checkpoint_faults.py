@@ -159,6 +159,16 @@ def test_config_diff_lines():
   assert run_compat.check_resume(old, {**old, "total_steps": 9}) == ([], ["total_steps"])
 
 
+def test_runs_from_before_matmul_dtype_resume_at_its_default():
+  old = {"model": {"image": {"width": 8}, "text": {"width": 8}}}
+  same = {"model": {"image": {"width": 8, "matmul_dtype": "float32"},
+                    "text": {"width": 8, "matmul_dtype": "float32"}}}
+  assert run_compat.check_resume(old, same) == ([], [])
+  changed = {"model": {"image": {"width": 8, "matmul_dtype": "bfloat16"}, "text": {"width": 8}}}
+  with pytest.raises(ConfigError, match="model.image.matmul_dtype: 'float32' -> 'bfloat16'"):
+    run_compat.check_resume(old, changed)
+
+
 def test_workdir_refuses_an_incompatible_config(base_run, shapes_dir, tmp_path, capfd):
   workdir = copy_run(base_run, tmp_path)
   with open(os.path.join(workdir, "config.json")) as f:
