@@ -24,7 +24,9 @@ widths, depths, heads, patch and image size, text length, vocab, batch, loss, Ad
 settings) in a separate environment (`bash tools/install_open_clip.sh` makes one in
 .venv-open_clip; or pass --open_clip_python) and times it in this same run: rounds of
 big_vlp and open_clip steps alternate, so both see the same machine state, and the medians
-over rounds are compared. MFU of both is model FLOPs (big_vlp.flops) over the peak the
+over rounds are compared; each round starts with --warmup untimed steps (default 1) on
+each side, so what is timed is the steady step rather than the first one after the other
+framework's round. MFU of both is model FLOPs (big_vlp.flops) over the peak the
 trainer uses (big_vlp.perf: the device table, or a matmul measured here on CPU).
 """
 
@@ -189,6 +191,14 @@ def synthetic_batch(batch: int, res: int, text_len: int, vocab: int, seed: int =
   for key, shape in (extra or {}).items():
     out[key] = rng.standard_normal(shape.shape, dtype=np.float32)
   return out
+
+
+def warm_up(step: Any, steps: int) -> None:
+  """Untimed steps at the start of a round: the first step after the other side's round
+  pays for caches, page tables and parked threads the other process disturbed (up to 1.5x
+  a steady step for big_vlp on the README's machines); both sides get the same."""
+  if steps:
+    step.run(steps)
 
 
 class BigVlpStep:
@@ -374,6 +384,7 @@ def run_sweep(args: argparse.Namespace, config: Any, field: str, raws: list[str]
 
   for r in range(args.rounds):  # Alternate, so every variant sees the same machine state.
     for v in variants:
+      warm_up(v.step, args.warmup)
       v.times.append(v.step.run(args.steps))
     print(f"round {r + 1}/{args.rounds}: " + ", ".join(
         f"{field}={v.raw} {1e3 * v.times[-1]:.1f} ms/step" for v in variants), flush=True)
@@ -430,6 +441,8 @@ def main() -> None:
                       "sums (open_clip then runs under autocast bfloat16)")
   parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
   parser.add_argument("--rounds", type=int, default=3, help="timed rounds (medians reported)")
+  parser.add_argument("--warmup", type=int, default=1,
+                      help="untimed steps before each round's timed steps, on each side")
   parser.add_argument("--compare", choices=("open_clip",))
   parser.add_argument("--open_clip_python", help="python of the open_clip environment")
   parser.add_argument("--open_clip_compile", action="store_true",
@@ -441,6 +454,8 @@ def main() -> None:
                       help="time one variant of the config per value of FIELD, alternating")
   parser.add_argument("--json", help="also write the results to this file")
   args = parser.parse_args()
+  if args.warmup < 0:
+    parser.error(f"--warmup {args.warmup}: must be 0 or more")
   if args.sweep and args.compare:
     parser.error("--sweep and --compare cannot be combined: --sweep compares big_vlp "
                  "variants with each other; run --compare per variant (--set FIELD=VALUE)")
@@ -498,9 +513,11 @@ def main() -> None:
 
   times: dict[str, list[float]] = {"big_vlp": [], "open_clip": []}
   for r in range(args.rounds):  # Alternate, so both see the same machine state.
+    warm_up(ours, args.warmup)
     times["big_vlp"].append(ours.run(args.steps))
     line = f"round {r + 1}/{args.rounds}: big_vlp {1e3 * times['big_vlp'][-1]:.1f} ms/step"
     if theirs:
+      warm_up(theirs, args.warmup)
       times["open_clip"].append(theirs.run(args.steps))
       line += f", open_clip {1e3 * times['open_clip'][-1]:.1f} ms/step"
     print(line, flush=True)
