@@ -10,6 +10,13 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the session, inherited by the training
 # subprocesses (multi-host, fault injection, preemption tests restart the same small job
-# many times); cached executables are the same code, so bitwise checks are unaffected.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      tempfile.mkdtemp(prefix="big_vlp_test_xla_cache_"))
+# many times) and shared by the xdist workers of one run (both build the module fixtures
+# and the same small configs); cached executables are the same code, so bitwise checks
+# are unaffected.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN and _RUN.isalnum():
+  _CACHE = os.path.join(tempfile.gettempdir(), f"big_vlp_test_xla_cache_{_RUN}")
+  os.makedirs(_CACHE, exist_ok=True)
+else:
+  _CACHE = tempfile.mkdtemp(prefix="big_vlp_test_xla_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
