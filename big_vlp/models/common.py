@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vlp.config_errors import ConfigError, check_choice, fail
+from big_vlp.models.attention import make_attention_fn
 from big_vlp.models.matmul import MATMUL_DTYPES, dense_dot_general
 
 # width / depth / mlp_dim / num_heads, as in the ViT, SigLIP and ViT-g papers.
@@ -213,13 +214,19 @@ def _attention(num_heads: int, dtype: Any, matmul_dtype: str = "float32"
                ) -> nn.MultiHeadDotProductAttention:
   # Softmax in float32 so bfloat16 runs keep masked logits far below real ones. No dropout
   # on attention probabilities: blocks drop the attention output instead, as ViT does.
-  # matmul_dtype reaches the q/k/v and output projections; the score and weighted-value
-  # einsums (a few percent of a ViT's FLOPs) keep the activation dtype.
+  # matmul_dtype reaches the q/k/v and output projections and the score and weighted-value
+  # dots. On the CPU, and wherever the attention dots take bfloat16 operands, the core is
+  # models/attention.py (a layout and backward pass XLA:CPU runs faster); elsewhere it is
+  # flax's einsum core, which accelerator compilers lay out well themselves.
   dot = dense_dot_general(matmul_dtype)
+  low = MATMUL_DTYPES[matmul_dtype]
+  extra = {}
+  if low is not None or jax.default_backend() == "cpu":
+    extra["attention_fn"] = make_attention_fn(low)
   return nn.MultiHeadDotProductAttention(
       num_heads=num_heads, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=nn.initializers.xavier_uniform(), force_fp32_for_softmax=True,
-      qkv_dot_general=dot, out_dot_general=dot)
+      qkv_dot_general=dot, out_dot_general=dot, **extra)
 
 
 class EncoderBlock(nn.Module):

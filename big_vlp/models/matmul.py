@@ -15,8 +15,9 @@ axis of both operands; XLA:CPU's fast kernels want the contracted axis of the le
 last, and XLA folds a plain transpose back into the matmul, so the transposed activations
 get one zero row of padding (sliced off the result), which keeps the transpose a real copy.
 Operands are flattened to 2-D first: Dense / DenseGeneral contract the trailing axes of the
-input with the leading axes of the kernel. Any other dot (attention scores, batched
-einsums) goes to lax.dot_general unchanged.
+input with the leading axes of the kernel. Any other dot given to this dot_general goes to
+lax.dot_general unchanged; the attention score and weighted-value dots are
+models/attention.py's.
 """
 
 import functools
