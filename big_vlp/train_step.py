@@ -420,16 +420,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_nam
       silc_state = (state["ema"], state["center"], state["step"])
     loss, grads, (zimg, ztxt, out, stats) = grad_fn(state["params"], batch, dropout_rng,
                                                     teacher, silc_state)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
     # A non-finite loss or gradient (any NaN / inf makes the norm non-finite) must not reach
     # the params or the optimizer moments: that step's update is skipped and counted; the
-    # trainer then goes on or stops according to config.nan_policy.
+    # trainer then goes on or stops according to config.nan_policy. The update runs under
+    # lax.cond rather than being computed and then discarded with a select: the select
+    # keeps the old params and moments alive next to the new ones, so XLA copies every
+    # donated state buffer and reads it twice (the whole optimizer step took about 2x as
+    # long at ViT-S size on CPU).
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params = keep_old(params, state["params"])
-    opt_state = keep_old(opt_state, state["opt_state"])
+
+    def apply_update(operands: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+      params, opt_state, grads = operands
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, apply_update, lambda operands: operands[:2],
+                                     (state["params"], state["opt_state"], grads))
     nf = state["nonfinite"]
     nonfinite = keep_old(nf, {"count": nf["count"] + 1, "last_step": state["step"] + 1,
                               "last_loss": loss.astype(jnp.float32),

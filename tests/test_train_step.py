@@ -243,3 +243,33 @@ def test_progress_throughput_window():
   m = p.measure(3)
   assert 0.2 < m["step_time_s"] < 0.5 and abs(m["img_per_sec"] - 8 / m["step_time_s"]) < 1e-6
   assert abs(m["eta_s"] - 7 * m["step_time_s"]) < 1e-6
+
+
+def test_nonfinite_step_is_skipped_exactly_on_a_sharded_mesh():
+  """A NaN in the batch: the update (run under lax.cond) is skipped, so params and every
+  optimizer moment stay bitwise what they were, the counters record the step, and the next
+  finite step updates again."""
+  config = tiny_config()
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  model = build_model(config, VOCAB)
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in make_batch(0).items()}
+  tx, sched = make_optimizer(config, train_step.abstract_params(model, shapes))
+  _, shardings = train_step.abstract_state(model, tx, sharding.TRANSFORMER_RULES, mesh, shapes)
+  state = train_step.init_state(model, tx, shardings, shapes, seed=0)
+  step = train_step.make_train_step(model, tx, config.loss, sched, shardings, mesh)
+  state, _ = step(state, train_step.global_batch(make_batch(1), mesh))
+  before = jax.device_get({k: state[k] for k in ("params", "opt_state")})
+  bad = make_batch(2)
+  bad["image"][3, 0, 0, 0] = np.nan
+  state, metrics = step(state, train_step.global_batch(bad, mesh))
+  assert not np.isfinite(float(metrics["loss"]))
+  after = jax.device_get({k: state[k] for k in ("params", "opt_state")})
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+  assert int(state["nonfinite"]["count"]) == 1 and int(state["nonfinite"]["last_step"]) == 2
+  assert int(state["step"]) == 2
+  state, metrics = step(state, train_step.global_batch(make_batch(3), mesh))
+  assert np.isfinite(float(metrics["loss"])) and int(state["nonfinite"]["count"]) == 1
+  moved = jax.device_get(state["params"])
+  assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(before["params"]),
+                                            jax.tree.leaves(moved)))
