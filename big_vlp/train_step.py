@@ -458,10 +458,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_nam
                  "rng": rng, "nonfinite": nonfinite}
     if silc is not None:  # The EMA teacher follows the updated student (not on skipped steps).
       momentum = silc.momentum_at(state["step"])
-      new_state["ema"] = keep_old(ema_lib.ema_update(
-          state["ema"], {k: params[k] for k in state["ema"]}, momentum), state["ema"])
-      new_state["center"] = keep_old(losses_silc.update_center(
-          state["center"], out["silc_teacher"], silc.center_momentum), state["center"])
+      def follow(operands: tuple[Any, Any, Any, Any]) -> tuple[Any, Any]:
+        ema, center, student, teacher_out = operands
+        return (ema_lib.ema_update(ema, student, momentum),
+                losses_silc.update_center(center, teacher_out, silc.center_momentum))
+
+      new_state["ema"], new_state["center"] = jax.lax.cond(
+          finite, follow, lambda operands: operands[:2],
+          (state["ema"], state["center"], {k: params[k] for k in state["ema"]},
+           out["silc_teacher"]))
       metrics.update(ema_momentum=momentum, silc_teacher_temp=silc.teacher_temp_at(state["step"]))
     return new_state, metrics
 
