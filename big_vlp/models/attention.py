@@ -52,8 +52,7 @@ def _probs(q: jax.Array, k: jax.Array, mask: jax.Array | None, low: Any) -> jax.
 def _core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, low: Any,
           pad: bool) -> jax.Array:
   """softmax(q k^T) v for q [b, h, lq, d] (already scaled), k / v [b, h, lk, d]."""
-  p = _probs(q, k, mask, low)
-  return _dot(p.astype(v.dtype), v, 3, 2, low).astype(v.dtype)
+  return _core_fwd(q, k, v, mask, low, pad)[0]
 
 
 def _core_fwd(q, k, v, mask, low, pad):
