@@ -59,6 +59,24 @@ def make_schedule(optim_cfg: Any, total_steps: int) -> Callable[[jax.Array], jax
   return schedule
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """Scales the updates by min(1, max_norm / global norm): optax.clip_by_global_norm's
+  result (the same empty state; below the threshold the updates pass bitwise unchanged,
+  above it they may differ from optax's (u / norm) * max_norm in the last bit).
+
+  optax writes the clip as a select between the updates and their scaled copy; XLA:CPU
+  does not fuse that select into the optimizer's elementwise update, so it costs a full
+  extra read and write of the gradients: about 50 ms of a 100 ms AdamW update at ViT-S/16
+  two-tower size, against about 12 ms for one multiply by a scalar factor.
+  """
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    scale = jnp.minimum(1.0, max_norm / norm)
+    return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates), state
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def _matches(rules: Sequence[str]) -> Callable[[str], bool]:
   compiled = [re.compile(r) for r in rules]
   return lambda path: any(rx.fullmatch(path) for rx in compiled)
@@ -94,7 +112,7 @@ def make_optimizer(config: Any, params: Any, unlocked: bool = False
                         optax.sgd(schedule, momentum=oc.get("b1", None),
                                   accumulator_dtype=mu_dtype))
     clip = oc.get("grad_clip_norm", None)
-    return optax.chain(optax.clip_by_global_norm(float(clip)), opt) if clip else opt
+    return optax.chain(clip_by_global_norm(float(clip)), opt) if clip else opt
 
   labels = recipes.param_labels(config, params)
   if "train" not in jax.tree.leaves(labels):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from big_vlp.config_errors import ConfigError
-from big_vlp.optim import make_optimizer, make_schedule
+from big_vlp.optim import clip_by_global_norm, make_optimizer, make_schedule
 
 
 def optim_cfg(name="cosine", **sched):
@@ -63,6 +63,26 @@ def test_gradient_clipping():
   tx, _ = make_optimizer(config, params)
   updates, _ = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params)
   np.testing.assert_allclose(optax.tree.norm(updates), 0.1 * 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 3.0, 100.0])
+def test_clip_by_global_norm_against_numpy_and_optax(max_norm):
+  rng = np.random.default_rng(0)
+  tree = {"a": rng.normal(size=(5, 7)).astype(np.float32),
+          "b": {"c": rng.normal(size=(11,)).astype(np.float32)}}
+  norm = np.sqrt(sum(np.sum(np.square(x.astype(np.float64))) for x in jax.tree.leaves(tree)))
+  tx = clip_by_global_norm(max_norm)
+  state = tx.init(tree)
+  assert state == optax.clip_by_global_norm(max_norm).init(tree)  # Checkpoints unchanged.
+  got, _ = jax.jit(tx.update)(tree, state)
+  ref, _ = optax.clip_by_global_norm(max_norm).update(tree, state)
+  for g, x, r in zip(jax.tree.leaves(got), jax.tree.leaves(tree), jax.tree.leaves(ref)):
+    if norm < max_norm:  # Untouched, bit for bit.
+      np.testing.assert_array_equal(g, x)
+    else:
+      np.testing.assert_allclose(g, x * (max_norm / norm), rtol=2e-6)
+    np.testing.assert_allclose(g, r, rtol=2e-6)
+  assert np.isclose(optax.tree.norm(got), min(norm, max_norm), rtol=1e-5)
 
 
 def test_bad_optimizer_fields():
