@@ -64,10 +64,12 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   result (the same empty state; below the threshold the updates pass bitwise unchanged,
   above it they may differ from optax's (u / norm) * max_norm in the last bit).
 
-  optax writes the clip as a select between the updates and their scaled copy; XLA:CPU
-  does not fuse that select into the optimizer's elementwise update, so it costs a full
-  extra read and write of the gradients: about 50 ms of a 100 ms AdamW update at ViT-S/16
-  two-tower size, against about 12 ms for one multiply by a scalar factor.
+  optax writes the clip as a select between the updates and their scaled copy, which
+  XLA:CPU runs as extra passes over the gradients: measured on the ViT-S/16 two-tower
+  AdamW update (45M params), 100 ms with optax's clip, 61 ms with this one, 51 ms with no
+  clipping. The norm is computed over the updates this transform sees (the trained group
+  of optim.make_optimizer's partition), so it is not the train step's `grad_norm`, which
+  covers every gradient.
   """
   def update(updates, state, params=None):
     del params
