@@ -20,3 +20,7 @@ if _RUN and _RUN.isalnum():
 else:
   _CACHE = tempfile.mkdtemp(prefix="big_vlp_test_xla_cache_")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+# Every program, not only those that take over a second to compile: a training subprocess
+# compiles dozens of small ones (evaluators, metrics, initialisation), the same in every run
+# of a small config. Measured on a FILIP demo run with a warm cache: 19 -> 15 s.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

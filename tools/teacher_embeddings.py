@@ -253,7 +253,7 @@ def _teacher_inputs(builder: Any, split: str, start: int, teacher: Teacher, text
     return record, example[image_key], tokens, tf.shape(tokens)[0]
 
   ds = _records(builder, split).skip(start)
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(pipeline.plain(prepare), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.padded_batch(teacher.batch).prefetch(2)
   return ds.as_numpy_iterator()
 

@@ -20,6 +20,11 @@ from big_vlp.data import ops
 from big_vlp.data import shapes
 from big_vlp.data.tokenizers import Tokenizer
 
+# For the functions given to tf.data here and in stream.py: none has Python control flow on
+# tensors, so AutoGraph's conversion would only add tracing time (seconds) to the start of
+# every pipeline, the training stream's and each evaluator's.
+plain = tf.autograph.experimental.do_not_convert
+
 Batch = dict[str, np.ndarray]
 SHAPES_NAME = "big_vlp_shapes"
 MASK_KEY = "_mask"
@@ -169,7 +174,8 @@ def iterate_texts(name: str, split: str, data_dir: str | None, key: str = "capti
     fail("data.text_key", key, f"dataset {name!r} has no feature of that name; features: "
          + ", ".join(builder.info.features.keys()))
   # Batched, because fetching scalars one by one from tf.data costs ~0.3 ms each.
-  ds = _read(builder, split).map(lambda ex: tf.reshape(ex[key], [-1])).unbatch().batch(1024)
+  ds = _read(builder, split).map(plain(lambda ex: tf.reshape(ex[key], [-1])))
+  ds = ds.unbatch().batch(1024)
   count = 0
   for values in ds.as_numpy_iterator():
     for text in values:
@@ -231,7 +237,7 @@ def eval_iterator(*, name: str, split: str, data_dir: str | None, pp: str,
   ds = tf.data.Dataset.zip(tf.data.Dataset.range(np.iinfo(np.int64).max),
                            _read(builder, process_split(split, process_index,
                                                          process_count)))
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(plain(prepare), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   padding = num_batches * batch_size - sizes[process_index]
   if padding:
     ds = ds.concatenate(_padding(ds, sizes[process_index] > 0, f"{config_prefix}.pp", pp)
@@ -243,7 +249,7 @@ def eval_iterator(*, name: str, split: str, data_dir: str | None, pp: str,
 def _padding(ds: tf.data.Dataset, has_examples: bool, field: str, pp: str) -> tf.data.Dataset:
   """One all-zero example (`_mask` False) shaped like the examples of `ds`."""
   if has_examples:  # Zeros like a real example: works when static shapes are unknown.
-    return ds.take(1).map(lambda ex: tf.nest.map_structure(tf.zeros_like, ex)).cache()
+    return ds.take(1).map(plain(lambda ex: tf.nest.map_structure(tf.zeros_like, ex))).cache()
   for key, spec in ds.element_spec.items():
     if not spec.shape.is_fully_defined():
       fail(field, pp, f"this process has no examples to pad like, and {key!r} has no static "

@@ -152,9 +152,7 @@ def openable(filename: Any) -> bool:
 
 
 _WARNED: set[tuple[str, int]] = set()
-# For the tf.data functions here: they have no Python control flow on tensors, and AutoGraph
-# would only add tracing time to every stream's start.
-_plain = tf.autograph.experimental.do_not_convert
+_plain = pipeline.plain  # No AutoGraph for the tf.data functions here (see there).
 
 
 def _warn_unreadable(label: Any, filename: Any, first: Any, end: Any, why: Any) -> np.int64:
@@ -288,8 +286,8 @@ class _SourceStream:
   def _epoch(self, epoch, first_window: int = 0, skip: int = 0) -> tf.data.Dataset:
     epoch = tf.cast(epoch, tf.int64)
     windows = tf.data.Dataset.range(first_window, self.num_windows)
-    return windows.flat_map(lambda w: self._window(
-        epoch, w, tf.where(w == first_window, tf.constant(skip, tf.int64), 0)))
+    return windows.flat_map(_plain(lambda w: self._window(
+        epoch, w, tf.where(w == first_window, tf.constant(skip, tf.int64), 0))))
 
   def locate(self, position: int) -> tuple[int, int, int]:
     """(epoch, window, offset in window) of a stream position."""
@@ -305,7 +303,7 @@ class _SourceStream:
     """(position, serialized record or b"" if unreadable) from `position` on, forever."""
     epoch, window, skip = self.locate(position)
     first = self._epoch(epoch, window, skip)
-    rest = tf.data.Dataset.range(epoch + 1, _INT64_MAX).flat_map(self._epoch)
+    rest = tf.data.Dataset.range(epoch + 1, _INT64_MAX).flat_map(_plain(self._epoch))
     return tf.data.Dataset.zip(tf.data.Dataset.range(position, _INT64_MAX),
                                first.concatenate(rest))
 
@@ -449,7 +447,7 @@ def _source_dataset(j: int, source: Source, *, pp: str, tokenizer: Any, seed: in
   # starves the (much slower) decoding below.
   ds = ds.prefetch(max(1024, min(shuffle_buffer // 4, 16_384)))
   ds = ds.map(prepare_readable, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.ignore_errors().map(tag), stream
+  return ds.ignore_errors().map(_plain(tag)), stream
 
 
 def train_iterator(sources: Sequence[Source], *, pp: str, tokenizer: Any,
@@ -495,7 +493,7 @@ def train_iterator(sources: Sequence[Source], *, pp: str, tokenizer: Any,
       return tf.random.stateless_categorical(
           logits, 1, seed=tf.stack([tf.constant(mix_key, tf.int64), m]))[0, 0]
 
-    selector = tf.data.Dataset.range(start.examples, _INT64_MAX).map(draw)
+    selector = tf.data.Dataset.range(start.examples, _INT64_MAX).map(_plain(draw))
     ds = tf.data.Dataset.choose_from_datasets(list(datasets), selector)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(prefetch)
   # Parallel maps keep the order: exact resume needs it.
