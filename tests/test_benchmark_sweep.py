@@ -45,9 +45,12 @@ def test_sweep_times_each_masking_value_with_its_own_flops(tmp_path):
     assert entry["model_flops_per_step"] == count.train_per_step
     assert entry["step_s"] > 0 and entry["compile_s"] > 0 and len(entry["round_step_s"]) == 1
     assert entry["mfu"] == pytest.approx(count.train_per_step / entry["step_s"] / 1e12)
-  assert unmasked["speedup"] == 1.0
+  assert unmasked["speedup"] == 1.0 and unmasked["round_speedups"] == [1.0]
+  assert masked["round_speedups"] == pytest.approx(
+      [unmasked["round_step_s"][0] / masked["round_step_s"][0]])
   assert masked["speedup"] == pytest.approx(masked["img_per_sec"] / unmasked["img_per_sec"])
   assert "speed-up" in proc.stdout and "MFU counts each variant's own model FLOPs" in proc.stdout
+  assert "speed-up of masking.image=0.5: one round" in proc.stdout
 
 
 def test_sweep_with_compare_is_an_argument_error():

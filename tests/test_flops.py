@@ -256,7 +256,9 @@ def test_benchmark_tool_open_clip_half(tmp_path):
   assert theirs["step_s"] > 0 and np.isfinite(theirs["final_loss"])
   assert res["speedup_vs_open_clip"] == pytest.approx(
       theirs["step_s"] / res["big_vlp"]["step_s"])
-  assert "big_vlp / open_clip throughput" in stdout
+  assert res["round_speedups_vs_open_clip"] == pytest.approx(
+      [o / b for o, b in zip(theirs["round_step_s"], res["big_vlp"]["round_step_s"])])
+  assert "big_vlp / open_clip throughput" in stdout and "per round" in stdout
 
 
 def test_benchmark_without_open_clip_says_how_to_install(tmp_path):

@@ -15,7 +15,8 @@ enter (tools/benchmark_input.py measures that).
 `--sweep FIELD=V1,V2,...` times one variant of the config per value (FIELD=value, applied
 after --set / --batch / --dtype; values parsed as --set parses them) in this same run: rounds
 alternate over the variants, as with --compare, and the table gives each variant's median
-step time, img/s, MFU, compile time and its img/s relative to the first value's. Each
+step time, img/s, MFU, compile time and its img/s relative to the first value's (also per
+round, `round_speedups` in --json, with their range printed). Each
 variant's MFU counts its own model FLOPs: a FLIP-masked model (masking.image / .text) does
 fewer per step, so its MFU is of the smaller model, and speed-up is the measure to read.
 
@@ -26,7 +27,9 @@ settings) in a separate environment (`bash tools/install_open_clip.sh` makes one
 big_vlp and open_clip steps alternate, so both see the same machine state, and the medians
 over rounds are compared; each round starts with --warmup untimed steps (default 1) on
 each side, so what is timed is the steady step rather than the first one after the other
-framework's round. MFU of both is model FLOPs (big_vlp.flops) over the peak the
+framework's round. The ratio is also printed per round (`round_speedups_vs_open_clip` in
+--json): each round's two figures are adjacent in time, so on a machine whose speed drifts
+their range is the honest error bar of the ratio of medians. MFU of both is model FLOPs (big_vlp.flops) over the peak the
 trainer uses (big_vlp.perf: the device table, or a matmul measured here on CPU).
 """
 
@@ -332,6 +335,21 @@ def find_open_clip_python(given: str | None) -> str:
                    "venv; big_vlp itself does not depend on them).")
 
 
+def round_ratios(base: list[float], other: list[float]) -> list[float]:
+  """Per round, base's step time over other's: other's speed relative to base, measured
+  on adjacent steps. On a shared machine whose speed drifts between rounds, their spread
+  says how far to trust the ratio of medians."""
+  return [b / o for b, o in zip(base, other)]
+
+
+def ratio_spread(ratios: list[float]) -> str:
+  """'per round 0.91-1.10x, median 1.02x' (or the one value)."""
+  if len(ratios) == 1:
+    return f"one round {ratios[0]:.2f}x"
+  return (f"per round {min(ratios):.2f}-{max(ratios):.2f}x, median "
+          f"{statistics.median(ratios):.2f}x")
+
+
 def _gib(x: float) -> str:
   return f"{x / 2 ** 30:.2f} GiB" if np.isfinite(x) else "-"
 
@@ -406,6 +424,7 @@ def run_sweep(args: argparse.Namespace, config: Any, field: str, raws: list[str]
         "first_step_s": v.step.first_step_s, **v.step.memory()})
   for e in entries:
     e["speedup"] = e["img_per_sec"] / entries[0]["img_per_sec"]
+    e["round_speedups"] = round_ratios(entries[0]["round_step_s"], e["round_step_s"])
 
   width = max(len(field), *(len(raw) for raw in raws))
   print(f"\n{field:{width}s} {'step ms':>9s} {'img/s':>9s} {'MFU':>7s} {'compile+1st s':>14s} "
@@ -417,6 +436,8 @@ def run_sweep(args: argparse.Namespace, config: Any, field: str, raws: list[str]
   print(f"\nmedians of {args.rounds} alternating rounds of {args.steps} steps; speed-up is "
         f"img/s over {field}={raws[0]}'s. MFU counts each variant's own model FLOPs (a masked "
         "model's are fewer), so compare variants by speed-up, not MFU.")
+  for raw, e in list(zip(raws, entries))[1:]:
+    print(f"speed-up of {field}={raw}: {ratio_spread(e['round_speedups'])}")
   if args.json:
     results = {
         "config": args.config, "overrides": args.set, "device": jax.devices()[0].device_kind,
@@ -550,6 +571,7 @@ def main() -> None:
   if theirs:
     theirs.close()
     results["speedup_vs_open_clip"] = results["open_clip"]["step_s"] / results["big_vlp"]["step_s"]
+    results["round_speedups_vs_open_clip"] = round_ratios(times["open_clip"], times["big_vlp"])
 
   print(f"\n{'':10s} {'step ms':>9s} {'img/s':>9s} {'MFU':>7s} {'compile+1st s':>14s} "
         f"{'step memory':>12s} {'max RSS':>10s}")
@@ -560,7 +582,8 @@ def main() -> None:
           f"{_gib(entry['max_rss_bytes']):>10s}")
   if theirs:
     print(f"\nbig_vlp / open_clip throughput: {results['speedup_vs_open_clip']:.2f}x "
-          f"(median of {args.rounds} alternating rounds of {args.steps} steps)")
+          f"(median of {args.rounds} alternating rounds of {args.steps} steps; "
+          f"{ratio_spread(results['round_speedups_vs_open_clip'])})")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
