@@ -24,3 +24,25 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 # compiles dozens of small ones (evaluators, metrics, initialisation), the same in every run
 # of a small config. Measured on a FILIP demo run with a warm cache: 19 -> 15 s.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import importlib.util  # pylint: disable=wrong-import-position
+
+import pytest  # pylint: disable=wrong-import-position
+
+_TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+
+
+@pytest.fixture
+def open_clip_python() -> str:
+  """The python of the PyTorch + open_clip environment, found as the tools find it
+  (tools/open_clip_env.py); skips the test when there is none: the comparison halves of
+  the benchmarks are optional."""
+  spec = importlib.util.spec_from_file_location(
+      "open_clip_env", os.path.join(_TOOLS, "open_clip_env.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  path = module.open_clip_python()
+  if path is None:
+    pytest.skip("PyTorch / open_clip is not installed (bash tools/install_open_clip.sh, or "
+                "set BIG_VLP_OPEN_CLIP_PYTHON); the comparison half is optional")
+  return path

@@ -35,6 +35,18 @@ def test_gemm_xla_half_times_every_shape_and_dtype(tmp_path):
     assert row["matmul"] in stdout
 
 
+def test_gemm_compare_without_torch_says_how_to_install(tmp_path):
+  if os.path.exists(os.path.join(ROOT, ".venv-open_clip", "bin", "python")):
+    pytest.skip("an open_clip environment exists in the checkout")
+  proc = subprocess.run(
+      [sys.executable, TOOL, "--compare", "torch", "--open_clip_python",
+       str(tmp_path / "missing" / "python")], capture_output=True, text=True, timeout=300,
+      env={**{k: v for k, v in os.environ.items() if k != "BIG_VLP_OPEN_CLIP_PYTHON"},
+           "XLA_FLAGS": ""}, cwd=str(tmp_path))
+  assert proc.returncode != 0 and "no open_clip environment found" in proc.stderr
+  assert "--compare torch" in proc.stderr and "install_open_clip.sh" in proc.stderr
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("--shapes", "48x32", "'48x32' is not MxKxN"),
     ("--shapes", "48x0x16", "'48x0x16' is not MxKxN"),
@@ -46,21 +58,9 @@ def test_gemm_bad_arguments_name_the_flag(flag, value, message):
   assert proc.returncode == 2 and flag in proc.stderr and message in proc.stderr
 
 
-def _torch_python():
-  for path in (os.environ.get("BIG_VLP_OPEN_CLIP_PYTHON"),
-               os.path.join(ROOT, ".venv-open_clip", "bin", "python")):
-    if path and os.path.exists(path):
-      return path
-  return None
-
-
-def test_gemm_torch_half(tmp_path):
-  python = _torch_python()
-  if python is None:
-    pytest.skip("PyTorch is not installed (bash tools/install_open_clip.sh, or set "
-                "BIG_VLP_OPEN_CLIP_PYTHON); the comparison half is optional")
+def test_gemm_torch_half(tmp_path, open_clip_python):
   stdout, res = run_tool(tmp_path, "--rounds", "1", "--dtypes", "float32", "--compare",
-                         "torch", "--torch_python", python)
+                         "torch", "--open_clip_python", open_clip_python)
   assert res["torch"] and res["torch_threads"] >= 1
   for row in res["rows"]:
     assert row["torch_gflops"] > 0

@@ -238,20 +238,9 @@ def test_benchmark_tool_big_vlp_half(tmp_path):
   assert "big_vlp" in stdout and "MFU" in stdout
 
 
-def _open_clip_python():
-  for path in (os.environ.get("BIG_VLP_OPEN_CLIP_PYTHON"),
-               os.path.join(ROOT, ".venv-open_clip", "bin", "python")):
-    if path and os.path.exists(path):
-      return path
-  return None
-
-
-def test_benchmark_tool_open_clip_half(tmp_path):
-  python = _open_clip_python()
-  if python is None:
-    pytest.skip("open_clip is not installed (bash tools/install_open_clip.sh, or set "
-                "BIG_VLP_OPEN_CLIP_PYTHON); the comparison half is optional")
-  stdout, res = run_benchmark(tmp_path, "--compare", "open_clip", "--open_clip_python", python)
+def test_benchmark_tool_open_clip_half(tmp_path, open_clip_python):
+  stdout, res = run_benchmark(tmp_path, "--compare", "open_clip", "--open_clip_python",
+                              open_clip_python)
   theirs = res["open_clip"]
   assert theirs["step_s"] > 0 and np.isfinite(theirs["final_loss"])
   assert res["speedup_vs_open_clip"] == pytest.approx(

@@ -64,9 +64,9 @@ from big_vlp.config_errors import ConfigError
 from big_vlp.models import common
 from big_vlp.run_setup import (PhasedSteps, image_size_of, make_run_spec,
                                recipe_batch_shapes, text_len_of, vocab_size_of)
+from open_clip_env import find_open_clip_python
 
 PRESETS = ("demo", "vit_s16")
-OPEN_CLIP_VENV = os.path.join(ROOT, ".venv-open_clip")
 
 
 def load_config(path_arg: str) -> Any:
@@ -320,21 +320,6 @@ class OpenClipStep:
     self.proc.wait(timeout=60)
 
 
-def find_open_clip_python(given: str | None) -> str:
-  """The open_clip environment's python: --open_clip_python, $BIG_VLP_OPEN_CLIP_PYTHON, or
-  .venv-open_clip; a clear error when none exists."""
-  candidates = [given, os.environ.get("BIG_VLP_OPEN_CLIP_PYTHON"),
-                os.path.join(OPEN_CLIP_VENV, "bin", "python")]
-  for path in candidates:
-    if path and os.path.exists(path):
-      return path
-  raise SystemExit("--compare open_clip: no open_clip environment found (looked at "
-                   "--open_clip_python, $BIG_VLP_OPEN_CLIP_PYTHON and "
-                   f"{os.path.relpath(OPEN_CLIP_VENV, os.getcwd())}). Make one with "
-                   "`bash tools/install_open_clip.sh` (PyTorch CPU + open_clip in their own "
-                   "venv; big_vlp itself does not depend on them).")
-
-
 def round_ratios(base: list[float], other: list[float]) -> list[float]:
   """Per round, base's step time over other's: other's speed relative to base, measured
   on adjacent steps. On a shared machine whose speed drifts between rounds, their spread
@@ -508,7 +493,8 @@ def main() -> None:
                        or not recipes.contrastive_on(config)):
     raise SystemExit("--compare open_clip times the plain two-tower step; this config adds "
                      "a captioning decoder or SILC, which the open_clip worker does not build")
-  oc_python = find_open_clip_python(args.open_clip_python) if args.compare else None
+  oc_python = (find_open_clip_python(args.open_clip_python, "--compare open_clip")
+               if args.compare else None)
 
   print(f"{args.config}: batch {config.batch_size}, {res} px, {text_len} tokens, vocab "
         f"{vocab}, {config.loss} loss, {dtype}; {jax.device_count()} x "

@@ -11,7 +11,7 @@ of the ViT-S/16 step at batch 8 (8 x 196 tokens, width 384, MLP 1536) and the 20
 matmul whose speed is the CPU peak MFU is measured against (big_vlp.perf).
 
 `--compare torch` times the same matmuls in PyTorch (the python of
-`bash tools/install_open_clip.sh`'s environment, or --torch_python) in alternating rounds
+`bash tools/install_open_clip.sh`'s environment, or --open_clip_python) in alternating rounds
 of one run: float32 as float32, bfloat16 as a bfloat16 @ bfloat16 product with a bfloat16
 result, which is what torch.autocast(bfloat16) runs for a Linear layer. The ratio is
 XLA's GFLOP/s over PyTorch's, as a median over rounds and per round (adjacent in time).
@@ -116,17 +116,6 @@ def run_torch_round(python: str, args: argparse.Namespace) -> dict[str, float]:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def find_torch_python(given: str | None) -> str:
-  candidates = [given, os.environ.get("BIG_VLP_OPEN_CLIP_PYTHON"),
-                os.path.join(ROOT, ".venv-open_clip", "bin", "python")]
-  for path in candidates:
-    if path and os.path.exists(path):
-      return path
-  raise SystemExit("--compare torch: no PyTorch environment found (looked at "
-                   "--torch_python, $BIG_VLP_OPEN_CLIP_PYTHON and .venv-open_clip). Make one "
-                   "with `bash tools/install_open_clip.sh`.")
-
-
 def main() -> None:
   if len(sys.argv) == 3 and sys.argv[1] == "--worker":
     spec = json.loads(sys.argv[2])
@@ -136,6 +125,7 @@ def main() -> None:
 
   # The trainer's allocator settings (big_vlp.hugepages); the torch worker inherits them.
   from big_vlp import hugepages  # pylint: disable=import-outside-toplevel
+  from open_clip_env import find_open_clip_python  # pylint: disable=import-outside-toplevel
   hugepages.restart_with_hugepages()
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES),
@@ -145,13 +135,15 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=20, help="timed calls per matmul")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--compare", choices=("torch",))
-  parser.add_argument("--torch_python", help="python of an environment with PyTorch")
+  parser.add_argument("--open_clip_python",
+                      help="python of an environment with PyTorch (default: open_clip's)")
   parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
   parser.add_argument("--json", help="also write the results to this file")
   args = parser.parse_args()
   if args.reps < 1 or args.rounds < 1:
     parser.error("--reps and --rounds must be at least 1")
-  python = find_torch_python(args.torch_python) if args.compare else None
+  python = (find_open_clip_python(args.open_clip_python, "--compare torch")
+            if args.compare else None)
 
   import jax  # pylint: disable=import-outside-toplevel
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPU "
