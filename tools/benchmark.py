@@ -29,8 +29,9 @@ over rounds are compared; each round starts with --warmup untimed steps (default
 each side, so what is timed is the steady step rather than the first one after the other
 framework's round. The ratio is also printed per round (`round_speedups_vs_open_clip` in
 --json): each round's two figures are adjacent in time, so on a machine whose speed drifts
-their range is the honest error bar of the ratio of medians. MFU of both is model FLOPs (big_vlp.flops) over the peak the
-trainer uses (big_vlp.perf: the device table, or a matmul measured here on CPU).
+their range is the honest error bar of the ratio of medians. MFU of both is model FLOPs
+(big_vlp.flops) over the peak the trainer uses (big_vlp.perf: the device table, or a matmul
+measured here on CPU).
 """
 
 import argparse
