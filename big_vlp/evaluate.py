@@ -10,8 +10,8 @@ import json
 import os
 
 if __name__ == "__main__":  # Before the heavy imports: the process may restart once.
-  from big_vlp import hugepages
-  hugepages.restart_with_hugepages()
+  from big_vlp import allocator
+  allocator.restart_with_allocator()
 
 from typing import Any
 

@@ -8,8 +8,8 @@ import sys
 import time
 
 if __name__ == "__main__":  # Before the heavy imports: the process may restart once.
-  from big_vlp import hugepages
-  hugepages.restart_with_hugepages()
+  from big_vlp import allocator
+  allocator.restart_with_allocator()
 
 from typing import Any, NamedTuple
 
@@ -20,8 +20,8 @@ from ml_collections import config_flags
 import jax
 import jax.numpy as jnp
 
-from big_vlp import (checkpoint, config_validation, distributed, flops, perf, preemption,
-                     recipes, run_compat, sharding, train_step)
+from big_vlp import (allocator, checkpoint, config_validation, distributed, flops, perf,
+                     preemption, recipes, run_compat, sharding, train_step)
 from big_vlp.metric_writer import MetricWriter, Progress, format_duration
 from big_vlp.evaluators import build_evaluators
 from big_vlp.run_setup import (PhasedSteps, check_batch_keys, check_decoder, cli_workdir,
@@ -64,7 +64,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, fl
   model, abstract, shardings = spec.model, spec.abstract_state, spec.shardings
   if is_main:
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
-          f"device(s), {jax.process_count()} process(es)")
+          f"device(s), {jax.process_count()} process(es); {allocator.describe()}")
     print("parameters:\n" + sharding.sharding_table(abstract["params"], shardings["params"]))
   if resumed:
     found = ckpt.restore_latest(abstract)  # ...or here, when only their state is damaged.

@@ -32,6 +32,11 @@ framework's round. The ratio is also printed per round (`round_speedups_vs_open_
 their range is the honest error bar of the ratio of medians. MFU of both is model FLOPs
 (big_vlp.flops) over the peak the trainer uses (big_vlp.perf: the device table, or a matmul
 measured here on CPU).
+
+The open_clip worker runs under the same allocator as big_vlp (big_vlp.allocator: tcmalloc
+or jemalloc preloaded when installed, else glibc with huge pages), so the comparison is of
+the frameworks; `--open_clip_malloc glibc` gives it plain glibc instead, as an open_clip
+run gets by default, for the comparison of what each user runs.
 """
 
 import argparse
@@ -51,16 +56,16 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-if __name__ == "__main__":  # The trainer's allocator settings (big_vlp.hugepages).
-  from big_vlp import hugepages
-  hugepages.restart_with_hugepages()
+if __name__ == "__main__":  # The trainer's allocator (big_vlp.allocator).
+  from big_vlp import allocator
+  allocator.restart_with_allocator()
 
 
 # pylint: disable=wrong-import-position
 import jax
 import numpy as np
 
-from big_vlp import config_validation, flops, perf, recipes, sharding, train_step
+from big_vlp import allocator, config_validation, flops, perf, recipes, sharding, train_step
 from big_vlp.config_errors import ConfigError
 from big_vlp.models import common
 from big_vlp.run_setup import (PhasedSteps, image_size_of, make_run_spec,
@@ -287,10 +292,14 @@ def open_clip_spec(config: Any, res: int, vocab: int, precision: str, compile_: 
 class OpenClipStep:
   """open_clip's train step, in a worker process under the open_clip environment."""
 
-  def __init__(self, python: str, spec: dict[str, Any]):
+  def __init__(self, python: str, spec: dict[str, Any], malloc: str = "same"):
+    env = dict(os.environ)
+    if malloc == "glibc":  # What a plain open_clip run gets: no preload, no tunables.
+      for key in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", allocator.ACTIVE):
+        env.pop(key, None)
     self.proc = subprocess.Popen(
         [python, os.path.join(ROOT, "tools", "open_clip_worker.py"), "--spec",
-         json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+         json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     self.info = self._read()
     self.loss = float("nan")
     self.max_rss_bytes = float("nan")
@@ -371,7 +380,7 @@ def run_sweep(args: argparse.Namespace, config: Any, field: str, raws: list[str]
         f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores; sweep {field} = "
         f"{', '.join(raws)}", flush=True)
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  print(f"GLIBC_TUNABLES={tunables!r} (big_vlp.hugepages)", flush=True)
+  print(f"{allocator.describe()} (big_vlp.allocator)", flush=True)
   peaks: dict[str, tuple[float, str]] = {}  # Per dtype: CPU peaks are measured, once each.
   variants = []
   for raw in raws:
@@ -427,8 +436,8 @@ def run_sweep(args: argparse.Namespace, config: Any, field: str, raws: list[str]
   if args.json:
     results = {
         "config": args.config, "overrides": args.set, "device": jax.devices()[0].device_kind,
-        "devices": jax.device_count(), "glibc_tunables": tunables, "steps": args.steps,
-        "rounds": args.rounds, "sweep": {"field": field, "values": [e["value"] for e in entries]},
+        "devices": jax.device_count(), "glibc_tunables": tunables,
+        "malloc": allocator.active(), "steps": args.steps, "rounds": args.rounds, "sweep": {"field": field, "values": [e["value"] for e in entries]},
         "variants": entries}
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
@@ -452,6 +461,9 @@ def main() -> None:
                       help="untimed steps before each round's timed steps, on each side")
   parser.add_argument("--compare", choices=("open_clip",))
   parser.add_argument("--open_clip_python", help="python of the open_clip environment")
+  parser.add_argument("--open_clip_malloc", choices=("same", "glibc"), default="same",
+                      help="the open_clip worker's allocator: big_vlp's (default) or plain "
+                           "glibc, as an open_clip run gets by default")
   parser.add_argument("--open_clip_compile", action="store_true",
                       help="torch.compile the open_clip model (its --torchcompile)")
   parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -503,8 +515,7 @@ def main() -> None:
   print(f"model FLOPs per step {count.train_per_step / 1e9:,.2f} G; peak "
         f"{peak / 1e12:,.3f} TFLOP/s ({peak_source})", flush=True)
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  print(f"GLIBC_TUNABLES={tunables!r} (big_vlp.hugepages; the open_clip worker inherits "
-        "the same environment)", flush=True)
+  print(f"{allocator.describe()} (big_vlp.allocator)", flush=True)
   batch = synthetic_batch(config.batch_size, res, text_len, vocab, config.seed,
                           recipe_batch_shapes(config, config.batch_size))
   t0 = time.perf_counter()
@@ -514,10 +525,12 @@ def main() -> None:
   theirs = None
   if oc_python:
     spec = open_clip_spec(config, res, vocab, dtype, args.open_clip_compile, args.threads)
-    theirs = OpenClipStep(oc_python, spec)
+    theirs = OpenClipStep(oc_python, spec, args.open_clip_malloc)
     print(f"open_clip {theirs.info.get('open_clip')} (torch {theirs.info.get('torch')}, "
-          f"{theirs.info.get('threads')} threads): built in {theirs.info['build_s']:.1f}s, "
-          f"first step {theirs.info['first_step_s']:.2f}s", flush=True)
+          f"{theirs.info.get('threads')} threads, malloc "
+          f"{'glibc' if args.open_clip_malloc == 'glibc' else allocator.active()}): built in "
+          f"{theirs.info['build_s']:.1f}s, first step {theirs.info['first_step_s']:.2f}s",
+          flush=True)
 
   times: dict[str, list[float]] = {"big_vlp": [], "open_clip": []}
   for r in range(args.rounds):  # Alternate, so both see the same machine state.
@@ -538,7 +551,7 @@ def main() -> None:
       "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
       "model_flops_per_step": count.train_per_step, "peak_flops": peak,
       "peak_source": peak_source, "xla_flops_per_step": ours.xla_flops(),
-      "glibc_tunables": tunables}
+      "glibc_tunables": tunables, "malloc": allocator.active()}
   for name, runner in (("big_vlp", ours), ("open_clip", theirs)):
     if runner is None:
       continue
@@ -559,6 +572,7 @@ def main() -> None:
     theirs.close()
     results["speedup_vs_open_clip"] = results["open_clip"]["step_s"] / results["big_vlp"]["step_s"]
     results["round_speedups_vs_open_clip"] = round_ratios(times["open_clip"], times["big_vlp"])
+    results["open_clip_malloc"] = args.open_clip_malloc
 
   print(f"\n{'':10s} {'step ms':>9s} {'img/s':>9s} {'MFU':>7s} {'compile+1st s':>14s} "
         f"{'step memory':>12s} {'max RSS':>10s}")

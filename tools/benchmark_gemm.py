@@ -123,10 +123,10 @@ def main() -> None:
     print(json.dumps(torch_rates(shapes, spec["dtypes"], spec["reps"], spec["threads"])))
     return
 
-  # The trainer's allocator settings (big_vlp.hugepages); the torch worker inherits them.
-  from big_vlp import hugepages  # pylint: disable=import-outside-toplevel
+  # The trainer's allocator (big_vlp.allocator); the torch worker inherits it.
+  from big_vlp import allocator  # pylint: disable=import-outside-toplevel
   from open_clip_env import find_open_clip_python  # pylint: disable=import-outside-toplevel
-  hugepages.restart_with_hugepages()
+  allocator.restart_with_allocator()
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES),
                       help=f"comma-separated MxKxN (default {DEFAULT_SHAPES})")

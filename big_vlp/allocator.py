@@ -1,0 +1,162 @@
+"""The memory allocator of the entry points: a caching malloc when the system has one.
+
+XLA:CPU allocates each execution's temporaries afresh, in one block of hundreds of MiB to
+GiBs for a train step, and frees it when the step ends. glibc serves a block that large
+with a fresh mmap and unmaps it on free, so every step the kernel faults in and zeroes every
+page again: 180k page faults and a third of a second of system time per demo step on the
+README's 2-core machine, 6 GiB of faults per ViT-S/16 step at batch 32. Two remedies, in
+the order `BIG_VLP_MALLOC=auto` (the default) tries them:
+
+1. A caching allocator, preloaded: tcmalloc (Debian/Ubuntu `libtcmalloc-minimal4`, or
+   gperftools' full `libtcmalloc`), else jemalloc (`libjemalloc2`, configured to keep
+   freed memory, since by default it hands blocks over 8 MiB back to the kernel at once).
+   Both keep the freed block and give it to the next step: no faults, no zeroing. PyTorch's
+   CPU launcher (`torch.backends.xeon.run_cpu`) preloads the same two, in the same order.
+2. Otherwise glibc with `glibc.malloc.hugetlb=1` (glibc >= 2.35): the blocks are still
+   mapped anew each step, but on 2 MiB transparent huge pages, 500x fewer faults.
+
+The dynamic loader and glibc read LD_PRELOAD and GLIBC_TUNABLES only at start-up, so the
+entry points (`python -m big_vlp.train`, `big_vlp.evaluate`, tools/benchmark.py) restart
+themselves once, before importing anything heavy. exec keeps the PID, so a parent waiting on
+the process or signalling it is unaffected.
+
+BIG_VLP_MALLOC picks: `auto`, `tcmalloc`, `jemalloc` (an error if not installed), `glibc`
+(no preload), or the path of an allocator's shared library. BIG_VLP_HUGEPAGES=0 leaves the
+glibc tunable out. `python -m big_vlp.allocator` prints what a run gets.
+"""
+
+import ctypes.util
+import os
+import sys
+from typing import Callable
+
+CHOICE = "BIG_VLP_MALLOC"
+HUGEPAGES_OPT_OUT = "BIG_VLP_HUGEPAGES"
+# Set in the restarted process: which allocator it runs with, and that it must not restart.
+ACTIVE = "BIG_VLP_MALLOC_ACTIVE"
+TUNABLE = "glibc.malloc.hugetlb"
+CHOICES = ("auto", "tcmalloc", "jemalloc", "glibc")
+# ctypes.util.find_library names, best first: gperftools' minimal and full tcmalloc.
+LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
+# jemalloc returns blocks over oversize_threshold (8 MiB) to the kernel as soon as they are
+# freed, and the rest after dirty_decay_ms: keep them all for the next step instead.
+JEMALLOC_CONF = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+INSTALL_HINT = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}
+
+
+def _glibc_version() -> tuple[int, int] | None:
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    major, minor = version.split(".")[:2]
+    return (int(major), int(minor)) if name == "glibc" else None
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def find_library(kind: str) -> str | None:
+  """The shared library of `kind` ('tcmalloc' / 'jemalloc') the loader can preload, or None."""
+  for name in LIBRARIES[kind]:
+    found = ctypes.util.find_library(name)
+    if found:
+      return found
+  return None
+
+
+def _with_hugepages(env: dict[str, str]) -> dict[str, str]:
+  version = _glibc_version()
+  current = env.get("GLIBC_TUNABLES", "")
+  if (env.get(HUGEPAGES_OPT_OUT, "1") == "0" or version is None or version < (2, 35)
+      or TUNABLE in current):
+    return env
+  return {**env, "GLIBC_TUNABLES": f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"}
+
+
+def _with_preload(env: dict[str, str], library: str, kind: str) -> dict[str, str]:
+  current = env.get("LD_PRELOAD", "")
+  env = {**env, "LD_PRELOAD": f"{library}:{current}" if current else library}
+  if kind == "jemalloc" and "MALLOC_CONF" not in env:
+    env["MALLOC_CONF"] = JEMALLOC_CONF
+  return env
+
+
+def _kind_of_path(path: str) -> str:
+  name = os.path.basename(path)
+  return next((k for k in LIBRARIES if k in name), "custom")
+
+
+def _preloaded_malloc(env: dict[str, str]) -> str | None:
+  """The kind of a malloc the user preloads already (LD_PRELOAD), or None."""
+  for entry in env.get("LD_PRELOAD", "").replace(" ", ":").split(":"):
+    if "malloc" in os.path.basename(entry):
+      return _kind_of_path(entry)
+  return None
+
+
+def tuned_environment(env: dict[str, str],
+                      find: Callable[[str], str | None] = find_library
+                      ) -> dict[str, str] | None:
+  """The environment to run with, or None when nothing is to change.
+
+  It names its allocator in BIG_VLP_MALLOC_ACTIVE ('tcmalloc', 'jemalloc', 'custom' for a
+  path, or 'glibc'), which also stops a second restart. A process whose LD_PRELOAD already
+  holds a malloc keeps it. Raises SystemExit on a BIG_VLP_MALLOC value that cannot be
+  honoured.
+  """
+  if ACTIVE in env or not sys.platform.startswith("linux"):
+    return None
+  preloaded = _preloaded_malloc(env)
+  if preloaded is not None:
+    return {**env, ACTIVE: preloaded}
+  choice = env.get(CHOICE, "auto").strip() or "auto"
+  if os.sep in choice:  # A path to an allocator's shared library.
+    if not os.path.isfile(choice):
+      raise SystemExit(f"{CHOICE}={choice}: no such file; give the path of a malloc "
+                       f"shared library or one of {', '.join(CHOICES)}")
+    kind = _kind_of_path(choice)
+    return {**_with_preload(env, choice, kind), ACTIVE: kind}
+  if choice not in CHOICES:
+    raise SystemExit(f"{CHOICE}={choice!r}: must be one of {', '.join(CHOICES)}, or the path "
+                     "of a malloc shared library")
+  for kind in (("tcmalloc", "jemalloc") if choice == "auto" else
+               () if choice == "glibc" else (choice,)):
+    library = find(kind)
+    if library is not None:
+      return {**_with_preload(env, library, kind), ACTIVE: kind}
+    if choice != "auto":
+      raise SystemExit(f"{CHOICE}={choice}: lib{LIBRARIES[choice][0]} not found by the "
+                       f"dynamic loader; install it (Debian/Ubuntu: apt-get install "
+                       f"{INSTALL_HINT[choice]}) or set {CHOICE} to auto or glibc")
+  tuned = _with_hugepages(env)
+  return None if tuned is env else {**tuned, ACTIVE: "glibc"}
+
+
+def active() -> str:
+  """The allocator this process runs with, as the restart set it ('glibc' without one)."""
+  return os.environ.get(ACTIVE, "glibc")
+
+
+def describe() -> str:
+  """One line for logs: the allocator and the environment that selects it."""
+  parts = [f"malloc {active()}"]
+  for key in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES"):
+    if os.environ.get(key):
+      parts.append(f"{key}={os.environ[key]}")
+  return ", ".join(parts)
+
+
+def restart_with_allocator() -> None:
+  """Re-executes this very command line (same PID) with the allocator set; returns if not."""
+  env = tuned_environment(dict(os.environ))
+  if env is None:
+    return
+  unchanged = {k: v for k, v in env.items() if k != ACTIVE} == dict(os.environ)
+  os.environ[ACTIVE] = env[ACTIVE]
+  if not unchanged:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+if __name__ == "__main__":  # `python -m big_vlp.allocator`: shows what a run would get.
+  restart_with_allocator()
+  print(describe())
