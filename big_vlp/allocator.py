@@ -1,27 +1,31 @@
-"""The memory allocator of the entry points: a caching malloc when the system has one.
+"""The memory allocator of the entry points: glibc with huge pages, or a caching malloc.
 
 XLA:CPU allocates each execution's temporaries afresh, in one block of hundreds of MiB to
 GiBs for a train step, and frees it when the step ends. glibc serves a block that large
 with a fresh mmap and unmaps it on free, so every step the kernel faults in and zeroes every
 page again: 180k page faults and a third of a second of system time per demo step on the
-README's 2-core machine, 6 GiB of faults per ViT-S/16 step at batch 32. Two remedies, in
-the order `BIG_VLP_MALLOC=auto` (the default) tries them:
+README's 2-core machine, 6 GiB of faults per ViT-S/16 step at batch 32. Two remedies:
 
-1. A caching allocator, preloaded: tcmalloc (Debian/Ubuntu `libtcmalloc-minimal4`, or
-   gperftools' full `libtcmalloc`), else jemalloc (`libjemalloc2`, configured to keep
-   freed memory, since by default it hands blocks over 8 MiB back to the kernel at once).
-   Both keep the freed block and give it to the next step: no faults, no zeroing. PyTorch's
-   CPU launcher (`torch.backends.xeon.run_cpu`) preloads the same two, in the same order.
-2. Otherwise glibc with `glibc.malloc.hugetlb=1` (glibc >= 2.35): the blocks are still
+1. By default, glibc with `glibc.malloc.hugetlb=1` (glibc >= 2.35): the blocks are still
    mapped anew each step, but on 2 MiB transparent huge pages, 500x fewer faults.
+2. Asked for (BIG_VLP_MALLOC), a caching allocator, preloaded: jemalloc (Debian/Ubuntu `libjemalloc2`), configured to
+   keep freed memory (by default it hands blocks over 8 MiB back to the kernel at once) and
+   to back it with transparent huge pages; else tcmalloc (`libtcmalloc-minimal4`, or
+   gperftools' full `libtcmalloc`), which keeps freed memory too but on 4 KiB pages. Either
+   gives the freed block to the next step: no faults, no zeroing. PyTorch's CPU launcher
+   (`torch.backends.xeon.run_cpu`) preloads the same two. It is not the default: it
+   removes the system time of 2 for certain, but its step-time gain was within the noise
+   of the README's machines, and it holds freed memory (+1.5 GiB at ViT-S/16 batch 8; at
+   batch 32 jemalloc on huge pages grew to 11 GiB and was slower; README, Performance).
 
 The dynamic loader and glibc read LD_PRELOAD and GLIBC_TUNABLES only at start-up, so the
 entry points (`python -m big_vlp.train`, `big_vlp.evaluate`, tools/benchmark.py) restart
 themselves once, before importing anything heavy. exec keeps the PID, so a parent waiting on
 the process or signalling it is unaffected.
 
-BIG_VLP_MALLOC picks: `auto`, `tcmalloc`, `jemalloc` (an error if not installed), `glibc`
-(no preload), or the path of an allocator's shared library. BIG_VLP_HUGEPAGES=0 leaves the
+BIG_VLP_MALLOC picks: `glibc` (the default), `jemalloc`, `tcmalloc` (an error if not
+installed), `auto` (jemalloc, else tcmalloc, else glibc), or the path of an allocator's
+shared library. BIG_VLP_HUGEPAGES=0 leaves the
 glibc tunable out. `python -m big_vlp.allocator` prints what a run gets.
 """
 
@@ -35,12 +39,14 @@ HUGEPAGES_OPT_OUT = "BIG_VLP_HUGEPAGES"
 # Set in the restarted process: which allocator it runs with, and that it must not restart.
 ACTIVE = "BIG_VLP_MALLOC_ACTIVE"
 TUNABLE = "glibc.malloc.hugetlb"
-CHOICES = ("auto", "tcmalloc", "jemalloc", "glibc")
-# ctypes.util.find_library names, best first: gperftools' minimal and full tcmalloc.
-LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
+CHOICES = ("glibc", "jemalloc", "tcmalloc", "auto")
+# ctypes.util.find_library names, best first (gperftools' minimal and full tcmalloc); the
+# order of the dict is the order `auto` tries.
+LIBRARIES = {"jemalloc": ("jemalloc",), "tcmalloc": ("tcmalloc_minimal", "tcmalloc")}
 # jemalloc returns blocks over oversize_threshold (8 MiB) to the kernel as soon as they are
-# freed, and the rest after dirty_decay_ms: keep them all for the next step instead.
-JEMALLOC_CONF = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# freed, and the rest after dirty_decay_ms: keep them all for the next step instead, on
+# transparent huge pages (thp:always), as glibc's hugetlb=1 would give them.
+JEMALLOC_CONF = "thp:always,oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 INSTALL_HINT = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}
 
 
@@ -97,7 +103,7 @@ def tuned_environment(env: dict[str, str],
                       ) -> dict[str, str] | None:
   """The environment to run with, or None when nothing is to change.
 
-  It names its allocator in BIG_VLP_MALLOC_ACTIVE ('tcmalloc', 'jemalloc', 'custom' for a
+  It names its allocator in BIG_VLP_MALLOC_ACTIVE ('jemalloc', 'tcmalloc', 'custom' for a
   path, or 'glibc'), which also stops a second restart. A process whose LD_PRELOAD already
   holds a malloc keeps it. Raises SystemExit on a BIG_VLP_MALLOC value that cannot be
   honoured.
@@ -107,7 +113,7 @@ def tuned_environment(env: dict[str, str],
   preloaded = _preloaded_malloc(env)
   if preloaded is not None:
     return {**env, ACTIVE: preloaded}
-  choice = env.get(CHOICE, "auto").strip() or "auto"
+  choice = env.get(CHOICE, "glibc").strip() or "glibc"
   if os.sep in choice:  # A path to an allocator's shared library.
     if not os.path.isfile(choice):
       raise SystemExit(f"{CHOICE}={choice}: no such file; give the path of a malloc "
@@ -117,7 +123,7 @@ def tuned_environment(env: dict[str, str],
   if choice not in CHOICES:
     raise SystemExit(f"{CHOICE}={choice!r}: must be one of {', '.join(CHOICES)}, or the path "
                      "of a malloc shared library")
-  for kind in (("tcmalloc", "jemalloc") if choice == "auto" else
+  for kind in (tuple(LIBRARIES) if choice == "auto" else
                () if choice == "glibc" else (choice,)):
     library = find(kind)
     if library is not None:

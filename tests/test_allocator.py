@@ -1,4 +1,4 @@
-"""The entry points' allocator: a caching malloc preloaded when found, else glibc huge pages."""
+"""The entry points' allocator: glibc huge pages by default, a caching malloc when asked."""
 
 import ctypes.util
 import os
@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from big_vlp import allocator
+from data_fixtures import SMALL, shapes_dir  # noqa: F401  (pytest fixture)
 
 LINUX_GLIBC_235 = allocator._with_hugepages({}) != {}  # pylint: disable=protected-access
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,16 +18,25 @@ def finder(**found):
   return lambda kind: found.get(kind)
 
 
-def test_auto_prefers_tcmalloc_then_jemalloc_then_glibc_huge_pages():
-  env = allocator.tuned_environment({"X": "1"}, finder(tcmalloc="libt.so", jemalloc="libj.so"))
-  assert env == {"X": "1", "LD_PRELOAD": "libt.so", "BIG_VLP_MALLOC_ACTIVE": "tcmalloc"}
-  env = allocator.tuned_environment({"LD_PRELOAD": "libother.so"}, finder(jemalloc="libj.so"))
-  assert env == {"LD_PRELOAD": "libj.so:libother.so", "MALLOC_CONF": allocator.JEMALLOC_CONF,
+def test_auto_prefers_jemalloc_then_tcmalloc_then_glibc_huge_pages():
+  auto = {"BIG_VLP_MALLOC": "auto"}
+  env = allocator.tuned_environment({"X": "1", **auto},
+                                    finder(tcmalloc="libt.so", jemalloc="libj.so"))
+  env.pop("BIG_VLP_MALLOC")
+  assert env == {"X": "1", "LD_PRELOAD": "libj.so", "MALLOC_CONF": allocator.JEMALLOC_CONF,
                  "BIG_VLP_MALLOC_ACTIVE": "jemalloc"}
+  env = allocator.tuned_environment({"LD_PRELOAD": "libother.so", **auto},
+                                    finder(tcmalloc="libt.so"))
+  env.pop("BIG_VLP_MALLOC")
+  assert env == {"LD_PRELOAD": "libt.so:libother.so", "BIG_VLP_MALLOC_ACTIVE": "tcmalloc"}
   # A MALLOC_CONF of the user's is left as it is.
-  env = allocator.tuned_environment({"MALLOC_CONF": "narenas:2"}, finder(jemalloc="libj.so"))
+  env = allocator.tuned_environment({"MALLOC_CONF": "narenas:2", **auto},
+                                    finder(jemalloc="libj.so"))
   assert env["MALLOC_CONF"] == "narenas:2"
-  env = allocator.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, finder())
+  env = allocator.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", **auto},
+                                    finder())
+  if env is not None:
+    env.pop("BIG_VLP_MALLOC")
   if LINUX_GLIBC_235:
     assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
                    "BIG_VLP_MALLOC_ACTIVE": "glibc"}
@@ -34,10 +44,16 @@ def test_auto_prefers_tcmalloc_then_jemalloc_then_glibc_huge_pages():
     assert env is None
 
 
-def test_explicit_choices_and_opt_outs():
+def test_default_is_glibc_and_explicit_choices_and_opt_outs():
   both = finder(tcmalloc="libt.so", jemalloc="libj.so")
-  assert allocator.tuned_environment({"BIG_VLP_MALLOC": "jemalloc"}, both)["LD_PRELOAD"] == \
-      "libj.so"
+  default = allocator.tuned_environment({}, both)
+  if LINUX_GLIBC_235:  # No preload even with both installed: glibc with huge pages.
+    assert default == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+                       "BIG_VLP_MALLOC_ACTIVE": "glibc"}
+  else:
+    assert default is None
+  assert allocator.tuned_environment({"BIG_VLP_MALLOC": "tcmalloc"}, both)["LD_PRELOAD"] == \
+      "libt.so"
   glibc = allocator.tuned_environment({"BIG_VLP_MALLOC": "glibc"}, both)
   assert glibc is None or "LD_PRELOAD" not in glibc
   assert allocator.tuned_environment(
@@ -49,7 +65,7 @@ def test_explicit_choices_and_opt_outs():
 
 
 def test_bad_choices_say_what_is_allowed():
-  with pytest.raises(SystemExit, match="must be one of auto, tcmalloc, jemalloc, glibc"):
+  with pytest.raises(SystemExit, match="must be one of glibc, jemalloc, tcmalloc, auto"):
     allocator.tuned_environment({"BIG_VLP_MALLOC": "tcmaloc"}, finder())
   with pytest.raises(SystemExit, match="apt-get install libtcmalloc-minimal4"):
     allocator.tuned_environment({"BIG_VLP_MALLOC": "tcmalloc"}, finder(jemalloc="libj.so"))
@@ -104,7 +120,7 @@ print(allocator.active(), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - 
 """
 
 
-@pytest.mark.parametrize("kind", ["tcmalloc", "jemalloc"])
+@pytest.mark.parametrize("kind", ["jemalloc", "tcmalloc"])
 def test_a_caching_malloc_reuses_a_freed_large_block(kind):
   """What the preload is for: XLA:CPU's per-step block is freed and allocated again every
   step; glibc maps it anew (65k page faults per 256 MiB on 4 KiB pages, 128 at least on 2 MiB
@@ -115,3 +131,22 @@ def test_a_caching_malloc_reuses_a_freed_large_block(kind):
   assert name == kind and int(faults) < 32, faults
   name, faults = _run(RESTART + FAULTS, BIG_VLP_MALLOC="glibc").split()
   assert name == "glibc" and int(faults) >= 128, faults
+
+
+def test_trainer_runs_under_the_caching_malloc_it_finds(tmp_path, shapes_dir):
+  """The whole trainer (tf.data, XLA, orbax) after the restart with the preload."""
+  kind = next((k for k in allocator.LIBRARIES if allocator.find_library(k)), None)
+  if kind is None:
+    pytest.skip("no caching malloc installed (Debian/Ubuntu: libjemalloc2)")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("LD_PRELOAD", "MALLOC_CONF", "BIG_VLP_MALLOC_ACTIVE")}
+  env.update(BIG_VLP_MALLOC="auto", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run(
+      [sys.executable, "-m", "big_vlp.train",
+       f"--config=configs/demo.py:runlocal,steps=3,batch=16,data={SMALL},"
+       f"data_dir={shapes_dir},tokenizer=bytes,eval_data=none,retrieval_data=none",
+       f"--workdir={tmp_path / 'run'}", "--config.log_every=1"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert f"malloc {kind}, LD_PRELOAD=" in proc.stdout
+  assert (tmp_path / "run" / "metrics.jsonl").exists()

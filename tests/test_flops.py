@@ -1,5 +1,6 @@
 """Model FLOP counts against XLA's cost analysis, the peak table, and tools/benchmark.py."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from big_vlp.models import common
 from big_vlp.models.two_towers import TwoTower
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "benchmark.py")
 
 
 def xla_flops(fn, *args):
@@ -236,6 +238,12 @@ def test_benchmark_tool_big_vlp_half(tmp_path):
   assert res["xla_flops_per_step"] >= res["model_flops_per_step"]
   assert res["xla_flops_per_step"] < 1.3 * res["model_flops_per_step"]
   assert "big_vlp" in stdout and "MFU" in stdout
+  # The allocator the entry point restarted with (big_vlp.allocator) is reported.
+  assert res["malloc"] in ("tcmalloc", "jemalloc", "glibc", "custom")
+  assert f"malloc {res['malloc']}" in stdout
+  # What the process spent per step meanwhile (getrusage), the measure of the allocator.
+  assert ours["user_cpu_s_per_step"] > 0 and ours["system_cpu_s_per_step"] >= 0
+  assert ours["page_faults_per_step"] >= 0 and "page faults" in stdout
 
 
 def test_benchmark_tool_open_clip_half(tmp_path, open_clip_python):
@@ -248,6 +256,18 @@ def test_benchmark_tool_open_clip_half(tmp_path, open_clip_python):
   assert res["round_speedups_vs_open_clip"] == pytest.approx(
       [o / b for o, b in zip(theirs["round_step_s"], res["big_vlp"]["round_step_s"])])
   assert "big_vlp / open_clip throughput" in stdout and "per round" in stdout
+  assert res["open_clip_malloc"] == "same"
+
+
+def test_open_clip_worker_environment_with_or_without_the_allocator(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.dirname(TOOL))  # As when run as a script.
+  spec = importlib.util.spec_from_file_location("benchmark_tool", TOOL)
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  env = {"PATH": "/bin", "LD_PRELOAD": "libtcmalloc_minimal.so.4", "MALLOC_CONF": "x",
+         "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "BIG_VLP_MALLOC_ACTIVE": "tcmalloc"}
+  assert tool.worker_environment(dict(env), "same") == env
+  assert tool.worker_environment(dict(env), "glibc") == {"PATH": "/bin"}
 
 
 def test_benchmark_without_open_clip_says_how_to_install(tmp_path):

@@ -33,10 +33,11 @@ their range is the honest error bar of the ratio of medians. MFU of both is mode
 (big_vlp.flops) over the peak the trainer uses (big_vlp.perf: the device table, or a matmul
 measured here on CPU).
 
-The open_clip worker runs under the same allocator as big_vlp (big_vlp.allocator: tcmalloc
-or jemalloc preloaded when installed, else glibc with huge pages), so the comparison is of
+The open_clip worker runs under the same allocator as big_vlp (big_vlp.allocator: glibc
+with huge pages by default, or the malloc BIG_VLP_MALLOC preloads), so the comparison is of
 the frameworks; `--open_clip_malloc glibc` gives it plain glibc instead, as an open_clip
-run gets by default, for the comparison of what each user runs.
+run gets by default, for the comparison of what each user runs. big_vlp's page faults and
+system / user CPU per timed step are printed too (getrusage), the measure of the allocator.
 """
 
 import argparse
@@ -231,7 +232,12 @@ class BigVlpStep:
     self.first_step_s = time.perf_counter() - t0
 
   def run(self, steps: int) -> float:
-    """Runs `steps` steps back to back (as the trainer does); returns seconds per step."""
+    """Runs `steps` steps back to back (as the trainer does); returns seconds per step.
+
+    `self.usage` is what the process spent per step meanwhile (getrusage): page faults,
+    system and user CPU seconds, the measure of what the allocator costs (big_vlp.allocator).
+    """
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     metrics = None
     for _ in range(steps):
@@ -239,8 +245,14 @@ class BigVlpStep:
       # benchmark's step has no teacher.
       self.state, metrics = self.compiled(self.state, self.batch, None)
     jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - t0) / steps
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    self.usage = {"page_faults": (r1.ru_minflt + r1.ru_majflt - r0.ru_minflt - r0.ru_majflt)
+                                 / steps,
+                  "system_cpu_s": (r1.ru_stime - r0.ru_stime) / steps,
+                  "user_cpu_s": (r1.ru_utime - r0.ru_utime) / steps}
     self.loss = float(metrics["loss"])
-    return (time.perf_counter() - t0) / steps
+    return seconds
 
   def memory(self) -> dict[str, float]:
     """Compiled memory per device (arguments + outputs + temporaries), and device peak."""
@@ -289,17 +301,23 @@ def open_clip_spec(config: Any, res: int, vocab: int, precision: str, compile_: 
       "compile": compile_}
 
 
+def worker_environment(env: dict[str, str], malloc: str) -> dict[str, str]:
+  """The open_clip worker's environment: big_vlp's own ('same': its allocator included), or
+  without the allocator settings ('glibc'), as a plain open_clip run gets."""
+  if malloc == "glibc":
+    env = {k: v for k, v in env.items()
+           if k not in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", allocator.ACTIVE)}
+  return env
+
+
 class OpenClipStep:
   """open_clip's train step, in a worker process under the open_clip environment."""
 
   def __init__(self, python: str, spec: dict[str, Any], malloc: str = "same"):
-    env = dict(os.environ)
-    if malloc == "glibc":  # What a plain open_clip run gets: no preload, no tunables.
-      for key in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", allocator.ACTIVE):
-        env.pop(key, None)
     self.proc = subprocess.Popen(
         [python, os.path.join(ROOT, "tools", "open_clip_worker.py"), "--spec",
-         json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+         json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=worker_environment(dict(os.environ), malloc))
     self.info = self._read()
     self.loss = float("nan")
     self.max_rss_bytes = float("nan")
@@ -533,9 +551,11 @@ def main() -> None:
           flush=True)
 
   times: dict[str, list[float]] = {"big_vlp": [], "open_clip": []}
+  usage: list[dict[str, float]] = []
   for r in range(args.rounds):  # Alternate, so both see the same machine state.
     warm_up(ours, args.warmup)
     times["big_vlp"].append(ours.run(args.steps))
+    usage.append(ours.usage)
     line = f"round {r + 1}/{args.rounds}: big_vlp {1e3 * times['big_vlp'][-1]:.1f} ms/step"
     if theirs:
       warm_up(theirs, args.warmup)
@@ -560,7 +580,9 @@ def main() -> None:
              "mfu": count.train_per_step / step_s / peak, "final_loss": runner.loss,
              "round_step_s": times[name]}
     if name == "big_vlp":
-      entry.update(compile_s=ours.compile_s, first_step_s=ours.first_step_s, **mem)
+      entry.update(compile_s=ours.compile_s, first_step_s=ours.first_step_s, **mem,
+                   **{f"{k}_per_step": statistics.median(u[k] for u in usage)
+                      for k in usage[0]})
       peak_mem = mem.get("device_peak_bytes", mem.get("compiled_bytes", float("nan")))
     else:
       entry.update(first_step_s=theirs.info["first_step_s"],
@@ -581,6 +603,11 @@ def main() -> None:
     print(f"{name:10s} {1e3 * entry['step_s']:9.1f} {entry['img_per_sec']:9.1f} "
           f"{100 * entry['mfu']:6.1f}% {first:14.1f} {_gib(peak_mem):>12s} "
           f"{_gib(entry['max_rss_bytes']):>10s}")
+  ours_entry = results["big_vlp"]
+  print(f"\nbig_vlp per step (median over rounds; malloc {allocator.active()}): "
+        f"{ours_entry['page_faults_per_step']:,.0f} page faults, "
+        f"{ours_entry['system_cpu_s_per_step']:.3f} s system CPU, "
+        f"{ours_entry['user_cpu_s_per_step']:.2f} s user CPU")
   if theirs:
     print(f"\nbig_vlp / open_clip throughput: {results['speedup_vs_open_clip']:.2f}x "
           f"(median of {args.rounds} alternating rounds of {args.steps} steps; "
