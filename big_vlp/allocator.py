@@ -8,15 +8,16 @@ README's 2-core machine, 6 GiB of faults per ViT-S/16 step at batch 32. Two reme
 
 1. By default, glibc with `glibc.malloc.hugetlb=1` (glibc >= 2.35): the blocks are still
    mapped anew each step, but on 2 MiB transparent huge pages, 500x fewer faults.
-2. Asked for (BIG_VLP_MALLOC), a caching allocator, preloaded: jemalloc (Debian/Ubuntu `libjemalloc2`), configured to
-   keep freed memory (by default it hands blocks over 8 MiB back to the kernel at once) and
-   to back it with transparent huge pages; else tcmalloc (`libtcmalloc-minimal4`, or
-   gperftools' full `libtcmalloc`), which keeps freed memory too but on 4 KiB pages. Either
-   gives the freed block to the next step: no faults, no zeroing. PyTorch's CPU launcher
-   (`torch.backends.xeon.run_cpu`) preloads the same two. It is not the default: it
-   removes the system time of 2 for certain, but its step-time gain was within the noise
-   of the README's machines, and it holds freed memory (+1.5 GiB at ViT-S/16 batch 8; at
-   batch 32 jemalloc on huge pages grew to 11 GiB and was slower; README, Performance).
+2. Asked for (BIG_VLP_MALLOC), a caching allocator, preloaded: jemalloc (Debian/Ubuntu
+   `libjemalloc2`), configured to keep freed memory (by default it hands blocks over 8 MiB
+   back to the kernel at once) and to back it with transparent huge pages; or tcmalloc
+   (`libtcmalloc-minimal4`, or gperftools' full `libtcmalloc`), which keeps freed memory
+   too but on 4 KiB pages. Either gives the freed block to the next step: no faults, no
+   zeroing. PyTorch's CPU launcher (`torch.backends.xeon.run_cpu`) preloads the same two.
+   It is not the default: it removes the system time that 1 leaves, but its step-time gain
+   was within the noise of the README's machine, and it holds freed memory (+1.5 GiB at
+   ViT-S/16 batch 8; at batch 32 jemalloc on huge pages grew to 11 GiB and was slower;
+   README, Performance).
 
 The dynamic loader and glibc read LD_PRELOAD and GLIBC_TUNABLES only at start-up, so the
 entry points (`python -m big_vlp.train`, `big_vlp.evaluate`, tools/benchmark.py) restart
@@ -25,8 +26,8 @@ the process or signalling it is unaffected.
 
 BIG_VLP_MALLOC picks: `glibc` (the default), `jemalloc`, `tcmalloc` (an error if not
 installed), `auto` (jemalloc, else tcmalloc, else glibc), or the path of an allocator's
-shared library. BIG_VLP_HUGEPAGES=0 leaves the
-glibc tunable out. `python -m big_vlp.allocator` prints what a run gets.
+shared library. BIG_VLP_HUGEPAGES=0 leaves the glibc tunable out. `python -m
+big_vlp.allocator` prints what a run gets.
 """
 
 import ctypes.util

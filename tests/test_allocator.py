@@ -140,7 +140,8 @@ def test_trainer_runs_under_the_caching_malloc_it_finds(tmp_path, shapes_dir):
     pytest.skip("no caching malloc installed (Debian/Ubuntu: libjemalloc2)")
   env = {k: v for k, v in os.environ.items()
          if k not in ("LD_PRELOAD", "MALLOC_CONF", "BIG_VLP_MALLOC_ACTIVE")}
-  env.update(BIG_VLP_MALLOC="auto", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env.update(BIG_VLP_MALLOC="auto", JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.run(
       [sys.executable, "-m", "big_vlp.train",
        f"--config=configs/demo.py:runlocal,steps=3,batch=16,data={SMALL},"

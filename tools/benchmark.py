@@ -455,7 +455,8 @@ def run_sweep(args: argparse.Namespace, config: Any, field: str, raws: list[str]
     results = {
         "config": args.config, "overrides": args.set, "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(), "glibc_tunables": tunables,
-        "malloc": allocator.active(), "steps": args.steps, "rounds": args.rounds, "sweep": {"field": field, "values": [e["value"] for e in entries]},
+        "malloc": allocator.active(), "steps": args.steps, "rounds": args.rounds,
+        "sweep": {"field": field, "values": [e["value"] for e in entries]},
         "variants": entries}
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
