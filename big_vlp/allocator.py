@@ -49,6 +49,8 @@ LIBRARIES = {"jemalloc": ("jemalloc",), "tcmalloc": ("tcmalloc_minimal", "tcmall
 # transparent huge pages (thp:always), as glibc's hugetlb=1 would give them.
 JEMALLOC_CONF = "thp:always,oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 INSTALL_HINT = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}
+# The environment variables through which the allocator is set.
+SETTINGS = ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES")
 
 
 def _glibc_version() -> tuple[int, int] | None:
@@ -142,10 +144,15 @@ def active() -> str:
   return os.environ.get(ACTIVE, "glibc")
 
 
+def without_settings(env: dict[str, str]) -> dict[str, str]:
+  """`env` without any allocator setting: what a process not started by big_vlp gets."""
+  return {k: v for k, v in env.items() if k not in (*SETTINGS, ACTIVE)}
+
+
 def describe() -> str:
   """One line for logs: the allocator and the environment that selects it."""
   parts = [f"malloc {active()}"]
-  for key in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES"):
+  for key in SETTINGS:
     if os.environ.get(key):
       parts.append(f"{key}={os.environ[key]}")
   return ", ".join(parts)

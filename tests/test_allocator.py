@@ -74,8 +74,7 @@ def test_bad_choices_say_what_is_allowed():
 
 
 def _run(code, **env_overrides):
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", "BIG_VLP_MALLOC_ACTIVE")}
+  env = allocator.without_settings(dict(os.environ))
   env.update(env_overrides)
   return subprocess.run([sys.executable, "-c", code], env=env, text=True, cwd=ROOT,
                         capture_output=True, timeout=120, check=True).stdout
@@ -138,8 +137,7 @@ def test_trainer_runs_under_the_caching_malloc_it_finds(tmp_path, shapes_dir):
   kind = next((k for k in allocator.LIBRARIES if allocator.find_library(k)), None)
   if kind is None:
     pytest.skip("no caching malloc installed (Debian/Ubuntu: libjemalloc2)")
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("LD_PRELOAD", "MALLOC_CONF", "BIG_VLP_MALLOC_ACTIVE")}
+  env = allocator.without_settings(dict(os.environ))
   env.update(BIG_VLP_MALLOC="auto", JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.run(

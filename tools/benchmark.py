@@ -304,10 +304,7 @@ def open_clip_spec(config: Any, res: int, vocab: int, precision: str, compile_: 
 def worker_environment(env: dict[str, str], malloc: str) -> dict[str, str]:
   """The open_clip worker's environment: big_vlp's own ('same': its allocator included), or
   without the allocator settings ('glibc'), as a plain open_clip run gets."""
-  if malloc == "glibc":
-    env = {k: v for k, v in env.items()
-           if k not in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", allocator.ACTIVE)}
-  return env
+  return allocator.without_settings(env) if malloc == "glibc" else env
 
 
 class OpenClipStep:
