@@ -1,10 +1,13 @@
-"""Test set-up: 8 simulated CPU devices, set before jax is imported anywhere."""
+"""Test set-up: 8 simulated CPU devices and cheap compilation (tests/xla_env.py), set before
+jax is imported anywhere."""
 
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from xla_env import xla_flags  # pylint: disable=wrong-import-position
+
+# Inherited by the subprocesses that do not set their own (see xla_env for the helper).
+os.environ["XLA_FLAGS"] = xla_flags(8, os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -9,6 +9,7 @@ import pytest
 
 from big_vlp import allocator
 from data_fixtures import SMALL, shapes_dir  # noqa: F401  (pytest fixture)
+from xla_env import xla_flags
 
 LINUX_GLIBC_235 = allocator._with_hugepages({}) != {}  # pylint: disable=protected-access
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +140,7 @@ def test_trainer_runs_under_the_caching_malloc_it_finds(tmp_path, shapes_dir):
     pytest.skip("no caching malloc installed (Debian/Ubuntu: libjemalloc2)")
   env = allocator.without_settings(dict(os.environ))
   env.update(BIG_VLP_MALLOC="auto", JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=xla_flags(1))
   proc = subprocess.run(
       [sys.executable, "-m", "big_vlp.train",
        f"--config=configs/demo.py:runlocal,steps=3,batch=16,data={SMALL},"

@@ -17,6 +17,7 @@ from big_vlp.config_errors import ConfigError
 from big_vlp.run_setup import make_run_spec
 from big_vlp.train import train
 from data_fixtures import SMALL, shapes_dir  # noqa: F401  (pytest fixture)
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A failed restore leaves orbax's sibling read coroutines unawaited; they are reported when
@@ -231,7 +232,7 @@ def test_failed_save_is_loud_and_keeps_the_previous_checkpoint(base_run, shapes_
              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a killed process\n"
              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
              "runpy.run_module('big_vlp.train', run_name='__main__', alter_sys=True)\n")
-  env = dict(os.environ, XLA_FLAGS="")  # One device: the checkpoint restores onto any mesh.
+  env = dict(os.environ, XLA_FLAGS=xla_flags())  # One device: the checkpoint restores onto any mesh.
   proc = subprocess.run(
       [sys.executable, "-c", limited,
        f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:{ARG},data_dir={shapes_dir}",

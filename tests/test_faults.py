@@ -16,6 +16,7 @@ from big_vlp.preemption import EXIT_PREEMPTED
 from big_vlp.train import NonFiniteError, train
 from data_fixtures import SMALL, shapes_dir  # noqa: F401  (pytest fixture)
 from test_train_e2e import demo_config, final_params, read_metrics
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +29,7 @@ def test_sigterm_saves_the_current_step_and_exits_75(tmp_path, shapes_dir):
          f"--workdir={workdir}", "--config.ckpt_every=1000", "--config.log_every=1",
          # Far more steps than it can run before the signal: it must not finish first.
          "--config.total_steps=100000"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   lines = []

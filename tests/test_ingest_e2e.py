@@ -11,9 +11,10 @@ import sys
 import numpy as np
 
 from corpus_fixtures import write_classes, write_folder, write_webdataset
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+ENV = dict(os.environ, XLA_FLAGS=xla_flags(8))
 
 
 def run(*args, timeout=600):

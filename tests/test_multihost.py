@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 from data_fixtures import SMALL, shapes_dir  # noqa: F401  (pytest fixture)
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -37,7 +38,7 @@ def _command(data_dir, workdir, *extra):
 
 def _env(devices, **extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             XLA_FLAGS=xla_flags(devices),
              TF_CPP_MIN_LOG_LEVEL="2", **extra)
   for key in ("BIG_VLP_COORDINATOR", "BIG_VLP_NUM_PROCESSES", "BIG_VLP_PROCESS_ID"):
     if key not in extra:

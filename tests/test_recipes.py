@@ -21,6 +21,7 @@ from big_vlp.model_factory import build_model
 from big_vlp.run_setup import PhasedSteps, make_run_spec
 from big_vlp.tree_paths import leaf_paths
 from data_fixtures import SMALL, shapes_dir  # noqa: F401  (pytest fixture)
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 40
@@ -237,7 +238,7 @@ def test_stored_teacher_embeddings_give_the_teacher_runs_loss():
 # ---- every recipe config through the CLI -----------------------------------------------------
 
 def _train_cli(config_arg, workdir, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
              BIG_VLP_HUGEPAGES="0")
   proc = subprocess.run([sys.executable, "-m", "big_vlp.train", "--config", config_arg,
                          "--workdir", workdir], capture_output=True, text=True, env=env,
@@ -301,7 +302,7 @@ def test_recipe_config_trains_through_the_cli(tmp_path, shapes_dir, base_run, na
 
 def test_lit_init_from_a_mismatched_run_names_the_path(tmp_path, shapes_dir, base_run):  # noqa: F811
   base, _ = base_run
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
              BIG_VLP_HUGEPAGES="0")
   arg = _demo("lit_demo", shapes_dir, f"steps=2,init={base}")
   proc = subprocess.run([sys.executable, "-m", "big_vlp.train", "--config", arg,
@@ -334,7 +335,7 @@ def test_distillation_from_stored_embeddings_trains_through_the_cli(tmp_path, sh
                                                                     base_run):
   base, _ = base_run
   out_dir = str(tmp_path / "tfds")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
              BIG_VLP_HUGEPAGES="0")
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "tools", "teacher_embeddings.py"), "--teacher", base,

@@ -17,6 +17,7 @@ from big_vlp.evaluate import evaluate
 from big_vlp.run_setup import make_run_spec
 from big_vlp.train import train
 from data_fixtures import SMALL, shapes_dir  # noqa: F401  (pytest fixture)
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +84,7 @@ def test_malformed_config_fails_at_start_up(tmp_path, field, value, pattern):
 
 
 def test_cli_reports_config_error(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8))
   proc = subprocess.run(
       [sys.executable, "-m", "big_vlp.train", "--config",
        os.path.join(ROOT, "configs", "demo.py") + ":runlocal,loss=contrastive",
