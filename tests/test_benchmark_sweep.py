@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from big_vlp import flops, recipes
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "benchmark.py")
@@ -30,7 +31,7 @@ def test_sweep_times_each_masking_value_with_its_own_flops(tmp_path):
   proc = subprocess.run(
       [sys.executable, TOOL, "--config", CONFIG, "--sweep", "masking.image=0,0.5",
        "--steps", "1", "--rounds", "1", "--peak_flops", "1e12", "--json", str(out)],
-      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+      capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": xla_flags()})
   assert proc.returncode == 0, proc.stdout + proc.stderr
   res = json.loads(out.read_text())
   assert res["sweep"] == {"field": "masking.image", "values": [0, 0.5]}
@@ -57,5 +58,5 @@ def test_sweep_with_compare_is_an_argument_error():
   proc = subprocess.run(
       [sys.executable, TOOL, "--config", CONFIG, "--sweep", "masking.image=0,0.5",
        "--compare", "open_clip"], capture_output=True, text=True, timeout=300,
-      env={**os.environ, "XLA_FLAGS": ""})
+      env={**os.environ, "XLA_FLAGS": xla_flags()})
   assert proc.returncode == 2 and "--sweep and --compare cannot be combined" in proc.stderr

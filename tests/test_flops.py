@@ -14,6 +14,7 @@ import pytest
 from big_vlp import flops, losses, losses_caption, losses_silc, perf, recipes
 from big_vlp.models import common
 from big_vlp.models.two_towers import TwoTower
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "benchmark.py")
@@ -222,7 +223,7 @@ def run_benchmark(tmp_path, *extra):
       [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--config",
        "configs/demo.py:runlocal=True", "--steps", "2", "--rounds", "2", "--json", str(out),
        *extra], capture_output=True, text=True, timeout=600,
-      env={**os.environ, "XLA_FLAGS": ""})
+      env={**os.environ, "XLA_FLAGS": xla_flags()})
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return proc.stdout, json.loads(out.read_text())
 
