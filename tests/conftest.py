@@ -4,7 +4,7 @@ jax is imported anywhere."""
 import os
 import tempfile
 
-from xla_env import xla_flags  # pylint: disable=wrong-import-position
+from xla_env import xla_flags
 
 # Inherited by the subprocesses that do not set their own (see xla_env for the helper).
 os.environ["XLA_FLAGS"] = xla_flags(8, os.environ.get("XLA_FLAGS", ""))

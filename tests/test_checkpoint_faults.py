@@ -232,7 +232,8 @@ def test_failed_save_is_loud_and_keeps_the_previous_checkpoint(base_run, shapes_
              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a killed process\n"
              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
              "runpy.run_module('big_vlp.train', run_name='__main__', alter_sys=True)\n")
-  env = dict(os.environ, XLA_FLAGS=xla_flags())  # One device: the checkpoint restores onto any mesh.
+  # One device: the checkpoint restores onto any mesh.
+  env = dict(os.environ, XLA_FLAGS=xla_flags())
   proc = subprocess.run(
       [sys.executable, "-c", limited,
        f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:{ARG},data_dir={shapes_dir}",

@@ -237,9 +237,13 @@ def test_stored_teacher_embeddings_give_the_teacher_runs_loss():
 
 # ---- every recipe config through the CLI -----------------------------------------------------
 
+def _cli_env():
+  """The environment of this module's command-line runs: two simulated devices."""
+  return dict(os.environ, XLA_FLAGS=xla_flags(2), BIG_VLP_HUGEPAGES="0")
+
+
 def _train_cli(config_arg, workdir, timeout=600):
-  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
-             BIG_VLP_HUGEPAGES="0")
+  env = _cli_env()
   proc = subprocess.run([sys.executable, "-m", "big_vlp.train", "--config", config_arg,
                          "--workdir", workdir], capture_output=True, text=True, env=env,
                         cwd=ROOT, timeout=timeout)
@@ -302,8 +306,7 @@ def test_recipe_config_trains_through_the_cli(tmp_path, shapes_dir, base_run, na
 
 def test_lit_init_from_a_mismatched_run_names_the_path(tmp_path, shapes_dir, base_run):  # noqa: F811
   base, _ = base_run
-  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
-             BIG_VLP_HUGEPAGES="0")
+  env = _cli_env()
   arg = _demo("lit_demo", shapes_dir, f"steps=2,init={base}")
   proc = subprocess.run([sys.executable, "-m", "big_vlp.train", "--config", arg,
                          "--config.model.image.width=32", "--workdir", str(tmp_path / "wd")],
@@ -335,8 +338,7 @@ def test_distillation_from_stored_embeddings_trains_through_the_cli(tmp_path, sh
                                                                     base_run):
   base, _ = base_run
   out_dir = str(tmp_path / "tfds")
-  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
-             BIG_VLP_HUGEPAGES="0")
+  env = _cli_env()
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "tools", "teacher_embeddings.py"), "--teacher", base,
        "--data", SMALL, "--data_dir", shapes_dir, "--splits", "train,val",
