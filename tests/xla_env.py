@@ -4,8 +4,9 @@ The tests compile hundreds of small programs and run each for a few steps, so LL
 optimisation of XLA:CPU's generated loops costs far more than it saves: on
 test_other_optimizers_learn, 44 -> 25 s wall and 59 -> 29 CPU-seconds. The matmuls run in
 precompiled library kernels either way, and HLO-level optimisation and fusion are not
-affected. Tests whose cost is execution (test_learning's 150 full demo steps) and the
-benchmark tools keep the default. BIG_VLP_TEST_XLA_OPT=full turns this off, to run the
+affected. test_learning (150 full demo steps, where running costs more than compiling)
+keeps the default; the tests of the benchmark tools use these flags too, since they check
+the tools' output, not their timings. BIG_VLP_TEST_XLA_OPT=full turns this off, to run the
 suite with the code generation users get.
 """
 
