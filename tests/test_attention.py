@@ -3,6 +3,8 @@ float64 NumPy implementation of softmax attention (forward and backward worked o
 independently), with and without masks, padded or not, float32 and bfloat16 operands, and
 the flax modules that use it."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -134,3 +136,33 @@ def test_encoder_block_uses_the_core_on_cpu_and_matches_flax(matmul_dtype):
   scale = max(np.abs(b).max() for b in jax.tree.leaves(gb))
   for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     assert np.abs(a - b).max() <= tol * scale
+
+
+def _batched_dot_operand_types(fn, *args) -> list[tuple[str, str]]:
+  """Element types of the two operands of every batched dot in the optimised HLO."""
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", text))
+  types.update(re.findall(r"([\w.\-]+): (\w+)\[", text))
+  out = []
+  for line in text.splitlines():
+    if " dot(" in line and "lhs_batch_dims" in line:
+      lhs, rhs = re.search(r"dot\(%([\w.\-]+), %([\w.\-]+)\)", line).groups()
+      out.append((types[lhs], types[rhs]))
+  return out
+
+
+def test_bfloat16_dots_stay_bfloat16_in_xla_cpu():
+  """With bf16 operands the six batched dots of forward + backward run as bf16 x bf16 ->
+  f32 dots, not as float32 dots XLA:CPU upcast them to (2-3x slower): the q / k / v / dO
+  that reach the core as transposes are re-laid out first (attention._operand)."""
+  shape = (2, 64, 2, 32)  # [b, l, h, d]: large enough for XLA:CPU's library dots.
+  q, k, v, g = (jnp.asarray(RNG.standard_normal(shape), jnp.float32) for _ in range(4))
+  fn = make_attention_fn(jnp.bfloat16, True)
+  loss = lambda q, k, v: jnp.sum(fn(q, k, v) * g)
+  types = _batched_dot_operand_types(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, k, v)
+  assert len(types) == 6, types
+  assert all(t == ("bf16", "bf16") for t in types), types
+  # The float32 core keeps float32 dots.
+  loss32 = lambda q, k, v: jnp.sum(make_attention_fn(None, True)(q, k, v) * g)
+  types32 = _batched_dot_operand_types(jax.value_and_grad(loss32, argnums=(0, 1, 2)), q, k, v)
+  assert len(types32) == 6 and all(t == ("f32", "f32") for t in types32), types32
