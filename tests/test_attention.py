@@ -166,3 +166,30 @@ def test_bfloat16_dots_stay_bfloat16_in_xla_cpu():
   loss32 = lambda q, k, v: jnp.sum(make_attention_fn(None, True)(q, k, v) * g)
   types32 = _batched_dot_operand_types(jax.value_and_grad(loss32, argnums=(0, 1, 2)), q, k, v)
   assert len(types32) == 6 and all(t == ("f32", "f32") for t in types32), types32
+
+
+@pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
+def test_fused_self_attention_is_flax_attention_with_the_same_params(matmul_dtype):
+  """common.SelfAttention (q/k/v as one matmul) creates exactly the params flax's
+  MultiHeadDotProductAttention creates (names, shapes, initial values, so checkpoints and
+  pretrained weights carry over) and computes the same function and gradients."""
+  x = jnp.asarray(RNG.standard_normal((2, 11, 32)), jnp.float32)
+  mask = jnp.asarray(np.tril(np.ones((11, 11), bool)))[None, None]
+  fused = common.SelfAttention(4, jnp.float32, matmul_dtype)
+  flax_mha = common._attention(4, jnp.float32, matmul_dtype)
+  ours = fused.init(jax.random.PRNGKey(3), x, mask)
+  theirs = flax_mha.init(jax.random.PRNGKey(3), x, x, mask=mask)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    assert a.shape == b.shape and np.array_equal(a, b)
+  # Same params, applied by both: same outputs (float32 summation order aside) and grads.
+  params = jax.tree.map(lambda t: t + 0.01 * RNG.standard_normal(t.shape), theirs)
+  loss_a = lambda p: jnp.sum(jnp.sin(fused.apply(p, x, mask)))
+  loss_b = lambda p: jnp.sum(jnp.sin(flax_mha.apply(p, x, x, mask=mask)))
+  la, ga = jax.value_and_grad(loss_a)(params)
+  lb, gb = jax.value_and_grad(loss_b)(params)
+  tol = 1e-5 if matmul_dtype == "float32" else 1e-2
+  np.testing.assert_allclose(la, lb, rtol=tol)
+  scale = max(np.abs(b).max() for b in jax.tree.leaves(gb))
+  for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    assert np.abs(a - b).max() <= tol * scale
