@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -376,24 +377,30 @@ def test_scan_dropout_trains():
   assert float(jnp.abs(train - plain.apply(params, x)[0]).max()) > 1e-4
 
 
-def grad_temp_bytes(model, image) -> int:
-  """Compiler-reported scratch memory of d(sum(output)) / d(params)."""
+def compiled_grad(model, image):
+  """The compiled d(sum(output)) / d(params)."""
   params = jax.eval_shape(model.init, RNG, image)
   grad = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply(p, x)[0])))
-  return grad.lower(params, image).compile().memory_analysis().temp_size_in_bytes
+  return grad.lower(params, image).compile()
 
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_remat_lowers_compiled_memory(scan):
   image = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
   size = dict(width=64, depth=4, mlp_dim=256, num_heads=2, patch_size=4, scan=scan)
-  none = grad_temp_bytes(ViT(**size, remat="none"), image)
-  full = grad_temp_bytes(ViT(**size, remat="full"), image)
-  assert full < none
+  none, full = (compiled_grad(ViT(**size, remat=r), image) for r in ("none", "full"))
+  none_bytes, full_bytes = (c.memory_analysis().temp_size_in_bytes for c in (none, full))
   if scan:
     # Scanned, each layer's saved activations are a stacked buffer, so dropping them shows
-    # fully (unscanned, XLA:CPU hoists much of the recomputation and saves little).
-    assert full < none / 2
+    # fully.
+    assert full_bytes < none_bytes / 2
+  else:
+    # Unscanned, the forward pass is recomputed (more matmuls in the compiled program), but
+    # XLA:CPU's buffer assignment keeps about the same scratch memory either way (0-4% less
+    # with remat): recompute ahead of need and it saves nothing.
+    dots = lambda c: len(re.findall(r"ynn_fusion|\bdot\(", c.as_text()))
+    assert dots(full) > dots(none)
+    assert full_bytes <= none_bytes
 
 
 def test_dropout_only_in_train():

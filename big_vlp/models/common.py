@@ -11,6 +11,7 @@ import numpy as np
 
 from big_vlp.config_errors import ConfigError, check_choice, fail
 from big_vlp.models.attention import make_attention_fn
+from big_vlp.models.layernorm import LayerNorm
 from big_vlp.models.matmul import MATMUL_DTYPES, dense_dot_general
 
 # width / depth / mlp_dim / num_heads, as in the ViT, SigLIP and ViT-g papers.
@@ -309,13 +310,13 @@ class EncoderBlock(nn.Module):
                deterministic: bool = True) -> jnp.ndarray:
     """x: [B, N, D]; mask: bool [B, 1|H, N, N], True where a query may attend a key."""
     x = constrain(x, "batch", None, None)
-    y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
+    y = LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
     # Named as flax names an unnamed MultiHeadDotProductAttention: same param tree.
     y = SelfAttention(self.num_heads, self.dtype, self.matmul_dtype,
                       name="MultiHeadDotProductAttention_0")(y, mask)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = x + y
-    y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
+    y = LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
     y = MlpBlock(self.mlp_dim, self.dtype, self.dropout, self.matmul_dtype)(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     return constrain(x + y, "batch", None, None)
@@ -366,7 +367,7 @@ class Encoder(nn.Module):
       for i in range(self.depth):
         x = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.dropout,
                       self.matmul_dtype, name=f"{_BLOCK}_{i}")(x, mask, deterministic)
-    return nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="encoder_norm")(x)
+    return LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="encoder_norm")(x)
 
 
 def _layer_count(tree: Mapping[str, Any]) -> int:
@@ -423,6 +424,6 @@ class MAPHead(nn.Module):
     probe = jnp.tile(probe, [b, 1, 1]).astype(self.dtype)
     attn_mask = None if mask is None else mask[:, None, None, :]
     x = _attention(self.num_heads, self.dtype, self.matmul_dtype)(probe, x, mask=attn_mask)
-    y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
+    y = LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
     x = x + MlpBlock(self.mlp_dim, self.dtype, matmul_dtype=self.matmul_dtype)(y)
     return x[:, 0]

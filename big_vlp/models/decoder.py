@@ -10,6 +10,7 @@ import numpy as np
 
 from big_vlp.config_errors import fail
 from big_vlp.models import common
+from big_vlp.models.layernorm import LayerNorm
 
 PREFIX = "model.decoder"
 
@@ -55,8 +56,8 @@ class DecoderBlock(nn.Module):
   def __call__(self, x: jnp.ndarray, image_tokens: jnp.ndarray, mask: jnp.ndarray,
                deterministic: bool = True) -> jnp.ndarray:
     """x [B, L, D], image_tokens [B, N, D], mask as from self_attention_mask -> [B, L, D]."""
-    def norm(name: str) -> nn.LayerNorm:
-      return nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    def norm(name: str) -> LayerNorm:
+      return LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name=name)
 
     def drop(y: jnp.ndarray) -> jnp.ndarray:
       return nn.Dropout(rate=self.dropout)(y, deterministic)
@@ -152,7 +153,7 @@ class TextDecoder(nn.Module):
     for i in range(size["depth"]):
       x = block_cls(size["mlp_dim"], size["num_heads"], dtype, self.dropout,
                     name=f"decoderblock_{i}")(x, image_tokens, mask, not train)
-    x = nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="decoder_norm")(x)
+    x = LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="decoder_norm")(x)
 
     if self.tie_embedding:
       logits = embed.attend(x)
