@@ -79,11 +79,13 @@ def compute_dtype(model_config: Any) -> str:
   return "bfloat16" if "bfloat16" in dtypes else "float32"
 
 
-def peak_flops(dtype: str, override: float | None = None) -> tuple[float, str]:
+def peak_flops(dtype: str, override: float | None = None, again: bool = False
+               ) -> tuple[float, str]:
   """(peak FLOP/s of all devices of the job, where the figure comes from).
 
   `override` is config.peak_flops: one device's peak. Simulated CPU devices share the host's
-  cores, so on CPU the measured figure is the host's, whatever the device count.
+  cores, so on CPU the measured figure is the host's, whatever the device count. `again`
+  measures a CPU peak once more, keeping the best of all measurements.
   """
   devices = jax.devices()
   if override:
@@ -92,5 +94,5 @@ def peak_flops(dtype: str, override: float | None = None) -> tuple[float, str]:
   per_chip = table_peak(kind, dtype)
   if per_chip is not None:
     return per_chip * len(devices), f"{kind} {dtype} table"
-  host = measure_matmul_peak(dtype)
+  host = measure_matmul_peak(dtype, again=again)
   return host * jax.process_count(), f"measured {dtype} 2048^3 matmul on {kind}"
