@@ -30,6 +30,7 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 )
 
 _measured: dict[tuple[str, int], float] = {}
+_MEASURED = "measured"  # How peak_flops() labels a measured peak.
 
 
 def table_peak(device_kind: str, dtype: str) -> float | None:
@@ -95,4 +96,9 @@ def peak_flops(dtype: str, override: float | None = None, again: bool = False
   if per_chip is not None:
     return per_chip * len(devices), f"{kind} {dtype} table"
   host = measure_matmul_peak(dtype, again=again)
-  return host * jax.process_count(), f"measured {dtype} 2048^3 matmul on {kind}"
+  return host * jax.process_count(), f"{_MEASURED} {dtype} 2048^3 matmul on {kind}"
+
+
+def is_measured(source: str) -> bool:
+  """Whether a peak_flops() source is a measurement (a CPU), not a table or config figure."""
+  return source.startswith(_MEASURED)

@@ -226,7 +226,7 @@ def _loop(run: _Run, state: Any, first: Any, start_step: int, stop_at: int | Non
       window_s, wait = timing.pop("window_s"), event.host["train/input_wait_s"]
       rates = run.speed.rates(timing["step_time_s"], window_s, wait)
       if (rates["mfu"] > 1 and remeasures < MAX_PEAK_REMEASURES
-          and run.speed.peak_source.startswith("measured")):
+          and perf.is_measured(run.speed.peak_source)):
         # More than the peak: it was measured in a busy moment at start-up. Measure it
         # again (the best of all measurements is kept) and log the new figure.
         t0 = time.perf_counter()

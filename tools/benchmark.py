@@ -208,10 +208,8 @@ def remeasure_peak(dtype: str, override: float | None) -> tuple[float, str]:
   all measurements of this run, so that a busy second at start-up, when the peak was first
   measured, does not inflate every MFU of the run (seen: 0.107 against 0.18-0.19 TFLOP/s,
   which put MFU at 127%)."""
-  peak, source = perf.peak_flops(dtype, override)
-  if source.startswith("measured"):
-    perf.measure_matmul_peak(dtype, again=True)
-    peak, source = perf.peak_flops(dtype, override)
+  peak, source = perf.peak_flops(dtype, override, again=True)
+  if perf.is_measured(source):
     source += ", best of measurements between rounds"
   return peak, source
 
