@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "benchmark_gemm.py")
-SHAPES = "48x32x16,8x24x40"
+SHAPES = "48x32x16,8x24x40,3x8x24x40"  # Two plain matmuls and a batch of three.
 
 
 def run_tool(tmp_path, *extra):
@@ -23,11 +23,11 @@ def run_tool(tmp_path, *extra):
 
 def test_gemm_xla_half_times_every_shape_and_dtype(tmp_path):
   stdout, res = run_tool(tmp_path, "--rounds", "2")
-  assert res["shapes"] == [[48, 32, 16], [8, 24, 40]]
+  assert res["shapes"] == [[48, 32, 16], [8, 24, 40], [3, 8, 24, 40]]
   assert res["dtypes"] == ["float32", "bfloat16"] and res["rounds"] == 2
   names = [row["matmul"] for row in res["rows"]]
-  assert names == ["float32 48x32x16", "float32 8x24x40", "bfloat16 48x32x16",
-                   "bfloat16 8x24x40"]
+  assert names == ["float32 48x32x16", "float32 8x24x40", "float32 3x8x24x40",
+                   "bfloat16 48x32x16", "bfloat16 8x24x40", "bfloat16 3x8x24x40"]
   for row in res["rows"]:
     assert len(row["xla_round_gflops"]) == 2 and all(g > 0 for g in row["xla_round_gflops"])
     assert min(row["xla_round_gflops"]) <= row["xla_gflops"] <= max(row["xla_round_gflops"])
@@ -50,6 +50,7 @@ def test_gemm_compare_without_torch_says_how_to_install(tmp_path):
 @pytest.mark.parametrize("flag,value,message", [
     ("--shapes", "48x32", "'48x32' is not MxKxN"),
     ("--shapes", "48x0x16", "'48x0x16' is not MxKxN"),
+    ("--shapes", "2x3x4x5x6", "'2x3x4x5x6' is not MxKxN or BxMxKxN"),
     ("--dtypes", "float16", "float16: allowed values are float32, bfloat16"),
 ])
 def test_gemm_bad_arguments_name_the_flag(flag, value, message):

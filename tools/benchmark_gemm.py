@@ -3,23 +3,29 @@
   python tools/benchmark_gemm.py
   python tools/benchmark_gemm.py --compare torch --rounds 3
   python tools/benchmark_gemm.py --shapes 1568x384x384,2048x2048x2048 --dtypes bfloat16
+  python tools/benchmark_gemm.py --shapes 48x196x64x196 --compare torch
 
-Each shape MxKxN is one [M, K] @ [K, N] matmul, timed as a jitted `lax.dot` with float32
-results: float32 operands, or bfloat16 operands with float32 sums (the matmul
-`matmul_dtype='bfloat16'` runs, models/matmul.py). The default shapes are the Dense layers
-of the ViT-S/16 step at batch 8 (8 x 196 tokens, width 384, MLP 1536) and the 2048^3
-matmul whose speed is the CPU peak MFU is measured against (big_vlp.perf).
+Each shape MxKxN is one [M, K] @ [K, N] matmul, and BxMxKxN a batch of B independent ones
+([B, M, K] @ [B, K, N]), timed as a jitted `jnp.matmul` with float32 results: float32
+operands, or bfloat16 operands with float32 sums (what `matmul_dtype='bfloat16'` runs,
+models/matmul.py and models/attention.py). The default shapes are the Dense layers of the
+ViT-S/16 step at batch 8 (8 x 196 tokens, width 384, MLP 1536), its attention's two batched
+dots (8 examples x 6 heads, 196 tokens, head width 64: scores Q K^T and weighted values
+P V), and the 2048^3 matmul whose speed is the CPU peak MFU is measured against
+(big_vlp.perf).
 
 `--compare torch` times the same matmuls in PyTorch (the python of
 `bash tools/install_open_clip.sh`'s environment, or --open_clip_python) in alternating rounds
 of one run: float32 as float32, bfloat16 as a bfloat16 @ bfloat16 product with a bfloat16
-result, which is what torch.autocast(bfloat16) runs for a Linear layer. The ratio is
+result, which is what torch.autocast(bfloat16) runs for a Linear layer or a batched
+`torch.bmm`. The ratio is
 XLA's GFLOP/s over PyTorch's, as a median over rounds and per round (adjacent in time).
 It bounds what a train step built on these kernels can reach against open_clip's.
 """
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -28,20 +34,28 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-DEFAULT_SHAPES = "1568x384x384,1568x384x1536,1568x1536x384,2048x2048x2048"
+DEFAULT_SHAPES = ("1568x384x384,1568x384x1536,1568x1536x384,48x196x64x196,48x196x196x64,"
+                  "2048x2048x2048")
 DTYPES = ("float32", "bfloat16")
 
 
-def parse_shapes(raw: str) -> list[tuple[int, int, int]]:
-  """'1568x384x384,2048x2048x2048' -> [(1568, 384, 384), (2048, 2048, 2048)]."""
+def parse_shapes(raw: str) -> list[tuple[int, ...]]:
+  """'1568x384x384,48x196x64x196' -> [(1568, 384, 384), (48, 196, 64, 196)]."""
   shapes = []
   for item in raw.split(","):
     dims = item.strip().lower().split("x")
-    if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
+    if len(dims) not in (3, 4) or not all(d.isdigit() and int(d) > 0 for d in dims):
       raise argparse.ArgumentTypeError(
-          f"{item!r} is not MxKxN with three positive integers (e.g. 1568x384x384)")
+          f"{item!r} is not MxKxN or BxMxKxN with positive integers (e.g. 1568x384x384, "
+          "48x196x64x196)")
     shapes.append(tuple(int(d) for d in dims))
   return shapes
+
+
+def operand_shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(M, K, N) -> ([M, K], [K, N]); (B, M, K, N) -> ([B, M, K], [B, K, N])."""
+  *batch, m, k, n = shape
+  return (*batch, m, k), (*batch, k, n)
 
 
 def parse_dtypes(raw: str) -> list[str]:
@@ -52,8 +66,13 @@ def parse_dtypes(raw: str) -> list[str]:
   return names
 
 
-def key(dtype: str, shape: tuple[int, int, int]) -> str:
-  return f"{dtype} {shape[0]}x{shape[1]}x{shape[2]}"
+def key(dtype: str, shape: tuple[int, ...]) -> str:
+  return f"{dtype} {'x'.join(map(str, shape))}"
+
+
+def flops(shape: tuple[int, ...]) -> int:
+  """2 B M K N (B = 1 for a plain matmul)."""
+  return 2 * math.prod(shape)
 
 
 def median_seconds(call, reps: int) -> float:
@@ -69,20 +88,20 @@ def median_seconds(call, reps: int) -> float:
 
 
 def xla_rates(shapes, dtypes, reps: int, seed: int = 0) -> dict[str, float]:
-  """GFLOP/s of a jitted lax.dot (float32 results) per dtype and shape."""
+  """GFLOP/s of a jitted jnp.matmul (float32 results) per dtype and shape."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  dot = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
+  dot = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   rng = np.random.default_rng(seed)
   out = {}
   for dtype in dtypes:
-    for m, k, n in shapes:
-      a = jnp.asarray(rng.standard_normal((m, k), np.float32), dtype)
-      b = jnp.asarray(rng.standard_normal((k, n), np.float32), dtype)
+    for shape in shapes:
+      a, b = (jnp.asarray(rng.standard_normal(s, np.float32), dtype)
+              for s in operand_shapes(shape))
       seconds = median_seconds(lambda: dot(a, b).block_until_ready(), reps)
-      out[key(dtype, (m, k, n))] = 2 * m * k * n / seconds / 1e9
+      out[key(dtype, shape)] = flops(shape) / seconds / 1e9
   return out
 
 
@@ -96,11 +115,11 @@ def torch_rates(shapes, dtypes, reps: int, threads: int | None) -> dict[str, flo
   gen = torch.Generator().manual_seed(0)
   out = {}
   for dtype in dtypes:
-    for m, k, n in shapes:
-      a = torch.randn(m, k, generator=gen).to(getattr(torch, dtype))
-      b = torch.randn(k, n, generator=gen).to(getattr(torch, dtype))
+    for shape in shapes:
+      a, b = (torch.randn(s, generator=gen).to(getattr(torch, dtype))
+              for s in operand_shapes(shape))
       seconds = median_seconds(lambda: a @ b, reps)
-      out[key(dtype, (m, k, n))] = 2 * m * k * n / seconds / 1e9
+      out[key(dtype, shape)] = flops(shape) / seconds / 1e9
   out["threads"] = torch.get_num_threads()
   out["torch"] = torch.__version__
   return out
@@ -129,7 +148,7 @@ def main() -> None:
   allocator.restart_with_allocator()
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES),
-                      help=f"comma-separated MxKxN (default {DEFAULT_SHAPES})")
+                      help=f"comma-separated MxKxN or BxMxKxN (default {DEFAULT_SHAPES})")
   parser.add_argument("--dtypes", type=parse_dtypes, default=list(DTYPES),
                       help="comma-separated: float32, bfloat16 (default both)")
   parser.add_argument("--reps", type=int, default=20, help="timed calls per matmul")
@@ -180,7 +199,7 @@ def main() -> None:
                f"{min(per_round):.2f}-{max(per_round):.2f}x")
     results["rows"].append(row)
     print(line)
-  print(f"\nmedians of {args.rounds} rounds of {args.reps} calls each; XLA: jitted lax.dot "
+  print(f"\nmedians of {args.rounds} rounds of {args.reps} calls each; XLA: jitted jnp.matmul "
         "with float32 results" + ("; torch: a @ b in the operands' dtype" if python else ""))
   if args.json:
     with open(args.json, "w") as f:
