@@ -35,6 +35,17 @@ import pytest  # pylint: disable=wrong-import-position
 _TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """Tests marked `long` run first (a stable sort keeps the rest in file order).
+
+  With `-n 2 --dist worksteal` a long test that starts near the end leaves the other worker
+  idle for its whole length; started first, the short tests fill the other worker meanwhile
+  and are shared out at the end. A long test should use no module-scoped fixture that the
+  rest of its file uses too: moving it away from its file would set that fixture up twice.
+  """
+  items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture
 def open_clip_python() -> str:
   """The python of the PyTorch + open_clip environment, found as the tools find it

@@ -190,6 +190,7 @@ def test_silc_without_local_crops_and_decoder_pad_mismatch_are_refused():
     check_decoder(cappa_config(), Tok())
 
 
+@pytest.mark.long
 def test_silc_teacher_state_survives_checkpoint_resume_exactly(tmp_path, shapes_dir):  # noqa: F811
   config = load_config("silc_demo", f"runlocal,data={SMALL},eval_data={SMALL},"
                        f"data_dir={shapes_dir},tokenizer=bytes,steps=6,batch=16")
@@ -212,6 +213,7 @@ def test_silc_teacher_state_survives_checkpoint_resume_exactly(tmp_path, shapes_
   assert losses_a == losses_b and len(losses_a) == 6
 
 
+@pytest.mark.long
 def test_greedy_captions_of_a_trained_captioner_match_their_images(tmp_path, shapes_dir):  # noqa: F811
   """A captioner trained 600 steps through train() (the CapPa config, autoregressive only,
   small): its greedy captions of held-out images score far higher against their own

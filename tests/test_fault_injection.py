@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from data_fixtures import shapes_dir  # noqa: F401  (pytest fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.long
 def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, shapes_dir):  # noqa: F811
   report_path = tmp_path / "report.json"
   cmd = [sys.executable, os.path.join(ROOT, "tools", "fault_inject.py"),

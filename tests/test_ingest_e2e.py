@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from corpus_fixtures import write_classes, write_folder, write_webdataset
 from xla_env import xla_flags
@@ -38,6 +39,7 @@ def build(fmt, inputs, name, data_dir, split=None):
     return json.load(f)
 
 
+@pytest.mark.long
 def test_build_from_tars_and_class_folder_then_train(tmp_path):
   tars = str(tmp_path / "tars")
   expected = write_webdataset(tars, 4, 40, corrupt=[3, 50], empty_captions=[7],

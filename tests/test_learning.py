@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from big_vlp.data import shapes
 
@@ -20,6 +21,7 @@ STEPS = 150
 BATCH = 128  # configs/demo.py's batch size; the loss plateau below depends on it.
 
 
+@pytest.mark.long
 def test_demo_learns_far_above_chance(tmp_path):
   data_dir = str(tmp_path / "tfds")
   shapes.ensure_built(data_dir)  # The full default dataset, as the demo uses it.

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from data_fixtures import SMALL, shapes_dir  # noqa: F401  (pytest fixture)
 from xla_env import xla_flags
@@ -76,6 +77,7 @@ def _losses(workdir):
   return np.array([by_step[s] for s in range(1, STEPS + 1)])
 
 
+@pytest.mark.long
 def test_two_processes_equal_one_and_resume_on_one_device(shapes_dir, tmp_path):
   ref_dir, multi_dir = str(tmp_path / "one"), str(tmp_path / "two")
   _run_all([_start(_command(shapes_dir, ref_dir), _env(4))])

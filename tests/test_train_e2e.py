@@ -94,6 +94,7 @@ def test_cli_reports_config_error(tmp_path):
   assert "config.loss='contrastive'" in proc.stderr and "'sigmoid'" in proc.stderr
 
 
+@pytest.mark.long
 def test_resume_equals_uninterrupted_run(tmp_path, shapes_dir):
   # A mixture of two sources where some examples fail pre-processing (dropped, counted):
   # the checkpoint must hold each source's exact stream position.
